@@ -1,0 +1,319 @@
+"""Tests of unifyreg.estimators: analytic values, the paper's sanity checks, invariances."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unifyreg.estimators import (
+    calibrate_bandwidth,
+    conditional_entropy_proxy,
+    gaussian_gram,
+    matrix_entropy,
+    median_bandwidth,
+    pairwise_sq_distances,
+    renyi_entropy,
+    resolve_bandwidth,
+)
+
+
+def clusters(n_clusters: int, n_tokens: int = 200, d: int = 32, seed: int = 0) -> torch.Tensor:
+    """n_tokens drawn round-robin from n_clusters far-apart, tight clusters."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 50.0 * torch.randn(n_clusters, d, generator=g, dtype=torch.float64)
+    labels = torch.arange(n_tokens) % n_clusters
+    return centres[labels] + 1e-4 * torch.randn(n_tokens, d, generator=g, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- analytic values
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.01, 2.0, 3.0])
+def test_identical_tokens_have_zero_entropy(alpha):
+    Z = torch.full((3, 10, 4), 0.1)
+    assert torch.equal(matrix_entropy(Z, alpha=alpha), torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.01, 2.0])
+@pytest.mark.parametrize("n", [2, 7, 64])
+def test_far_apart_tokens_have_log_n_entropy(alpha, n):
+    Z = 1e3 * torch.eye(n, dtype=torch.float64)
+    H = matrix_entropy(Z, alpha=alpha, sigma=1.0)
+    assert H.item() == pytest.approx(math.log2(n), abs=1e-9)
+
+
+def test_single_token_has_zero_entropy_and_zero_normalised():
+    Z = torch.randn(2, 1, 5)
+    assert torch.equal(matrix_entropy(Z), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(matrix_entropy(Z, normalize=True), torch.zeros(2, dtype=torch.float64))
+
+
+def test_base_changes_units_only():
+    Z = torch.randn(4, 30, 8)
+    bits = matrix_entropy(Z, base=2)
+    nats = matrix_entropy(Z, base=math.e)
+    torch.testing.assert_close(bits * math.log(2), nats)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.01, 3.0])
+def test_eigenvalue_path_matches_numpy_reference(alpha):
+    Z = torch.randn(30, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    K = gaussian_gram(Z, 1.5).numpy()
+    lam = np.linalg.eigvalsh(K / np.trace(K))
+    lam = lam[lam > 1e-12]
+    if alpha == 1.0:
+        expected = -(lam * np.log2(lam)).sum()
+    else:
+        expected = np.log2((lam**alpha).sum()) / (1 - alpha)
+    assert renyi_entropy(torch.from_numpy(K), alpha=alpha).item() == pytest.approx(expected, 1e-10)
+
+
+def test_alpha_two_frobenius_path_equals_eigenvalue_path():
+    Z = torch.randn(5, 40, 8, dtype=torch.float64)
+    K = gaussian_gram(Z)
+    frobenius = renyi_entropy(K, alpha=2.0)
+    A = K / 40
+    lam = torch.linalg.eigvalsh(A)
+    eigen = -torch.log2((lam**2).sum(-1))
+    torch.testing.assert_close(frobenius, eigen, rtol=1e-12, atol=1e-12)
+
+
+def test_alpha_one_is_the_limit_of_alpha_near_one():
+    K = gaussian_gram(torch.randn(3, 50, 10, dtype=torch.float64))
+    von_neumann = renyi_entropy(K, alpha=1.0)
+    below, above = renyi_entropy(K, alpha=1 - 1e-6), renyi_entropy(K, alpha=1 + 1e-6)
+    torch.testing.assert_close(below, von_neumann, atol=1e-5, rtol=0)
+    torch.testing.assert_close(above, von_neumann, atol=1e-5, rtol=0)
+    # Renyi entropy is non-increasing in alpha.
+    assert torch.all(below >= von_neumann - 1e-12) and torch.all(von_neumann >= above - 1e-12)
+
+
+# ---------------------------------------------------------------- the paper's sanity checks
+
+
+def test_more_clusters_give_strictly_more_entropy_starting_at_zero():
+    entropies = [matrix_entropy(clusters(c), sigma=1.0).item() for c in (1, 5, 20, 100)]
+    assert entropies[0] == pytest.approx(0.0, abs=1e-4)
+    assert entropies == sorted(set(entropies))  # strictly increasing
+    # Far-apart tight clusters with equal occupancy: entropy ~ log2(number of clusters).
+    assert entropies[1:] == pytest.approx([math.log2(c) for c in (5, 20, 100)], abs=1e-3)
+
+
+def test_proxy_increases_from_copy_to_noisy_copy_to_independent():
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(60, 16, generator=g, dtype=torch.float64)
+    copy = conditional_entropy_proxy(P, P.clone())
+    noisy = conditional_entropy_proxy(P, P + 0.2 * torch.randn(60, 16, generator=g).double())
+    independent = conditional_entropy_proxy(P, torch.randn(60, 16, generator=g).double())
+    assert abs(copy.item()) < 1e-9
+    assert copy < noisy < independent
+
+
+def test_proxy_is_joint_minus_prompt_entropy_with_shared_bandwidth():
+    P, R = torch.randn(2, 20, 8).double(), torch.randn(2, 12, 8).double()
+    joint = torch.cat([P, R], dim=-2)
+    sigma = median_bandwidth(joint)
+    K = gaussian_gram(joint, sigma)
+    expected = renyi_entropy(K) - renyi_entropy(K[..., :20, :20])
+    torch.testing.assert_close(conditional_entropy_proxy(P, R), expected)
+    torch.testing.assert_close(
+        conditional_entropy_proxy(P, R, normalize=True), expected / math.log2(32)
+    )
+
+
+# ---------------------------------------------------------------- batching and masking
+
+
+def test_batch_equals_per_sequence_loop():
+    Z = torch.randn(3, 4, 25, 6)
+    batched = matrix_entropy(Z)
+    looped = torch.stack([torch.stack([matrix_entropy(z) for z in layer]) for layer in Z])
+    torch.testing.assert_close(batched, looped, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.01, 2.0])
+def test_masked_padding_equals_trimmed_sequence(alpha):
+    lengths = [5, 17, 30]
+    Z = torch.randn(3, 30, 8)
+    Z[0, 5:] = 1e6  # padding values must not matter, even huge ones
+    mask = torch.arange(30)[None, :] < torch.tensor(lengths)[:, None]
+    padded = matrix_entropy(Z, alpha=alpha, mask=mask, normalize=True)
+    trimmed = torch.stack(
+        [matrix_entropy(Z[i, :n], alpha=alpha, normalize=True) for i, n in enumerate(lengths)]
+    )
+    torch.testing.assert_close(padded, trimmed, rtol=0, atol=1e-10)
+
+
+def test_masked_proxy_equals_trimmed_proxy():
+    Zp, Zr = torch.randn(2, 10, 4), torch.randn(2, 7, 4)
+    mask_p = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
+    mask_r = torch.tensor([[True] * 3 + [False] * 4, [True] * 7])
+    padded = conditional_entropy_proxy(Zp, Zr, mask_p=mask_p, mask_r=mask_r)
+    first = conditional_entropy_proxy(Zp[0], Zr[0, :3])
+    second = conditional_entropy_proxy(Zp[1, :6], Zr[1])
+    torch.testing.assert_close(padded, torch.stack([first, second]), rtol=0, atol=1e-10)
+
+
+def test_entropy_is_permutation_invariant():
+    Z = torch.randn(40, 8)
+    perm = torch.randperm(40)
+    torch.testing.assert_close(matrix_entropy(Z), matrix_entropy(Z[perm]), rtol=0, atol=1e-10)
+
+
+def test_median_bandwidth_makes_entropy_scale_and_shift_invariant():
+    Z = torch.randn(3, 40, 8, dtype=torch.float64)
+    torch.testing.assert_close(matrix_entropy(Z), matrix_entropy(7.5 * Z + 3.0))
+    torch.testing.assert_close(median_bandwidth(7.5 * Z), 7.5 * median_bandwidth(Z))
+
+
+def test_median_bandwidth_is_the_lower_median_of_pair_distances():
+    Z = torch.randn(9, 3, dtype=torch.float64)
+    dist = torch.cdist(Z, Z)
+    pairs = dist[torch.triu_indices(9, 9, 1).unbind()]
+    expected = torch.sort(pairs).values[(len(pairs) - 1) // 2]
+    assert median_bandwidth(Z).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_fixed_bandwidth_is_not_scale_invariant():
+    Z = torch.randn(40, 8)
+    assert not torch.allclose(matrix_entropy(Z, sigma=1.0), matrix_entropy(10 * Z, sigma=1.0))
+
+
+def test_calibrated_bandwidth_from_ragged_sequences():
+    seqs = [torch.randn(n, 8) for n in (10, 20, 30)]
+    medians = torch.stack([median_bandwidth(s.double()) for s in seqs])
+    assert calibrate_bandwidth(seqs) == pytest.approx(medians.median().item())
+    sigma = calibrate_bandwidth(seqs)
+    assert matrix_entropy(seqs[0], sigma=sigma).item() > 0
+
+
+def test_pairwise_distances_are_exact_on_diagonal_and_nonnegative():
+    Z = 1e4 + torch.randn(50, 16, dtype=torch.float64)  # large offset invites cancellation
+    D = pairwise_sq_distances(Z)
+    assert torch.all(D >= 0) and torch.all(torch.diagonal(D) == 0)
+    exact = ((Z[:, None, :] - Z[None, :, :]) ** 2).sum(-1)
+    torch.testing.assert_close(D, exact, rtol=1e-10, atol=1e-9)
+
+
+# ---------------------------------------------------------------- dtypes and gradients
+
+
+def test_bfloat16_input_is_computed_in_float64():
+    Z = torch.randn(2, 30, 8).to(torch.bfloat16)
+    H = matrix_entropy(Z)
+    assert H.dtype == torch.float64
+    torch.testing.assert_close(H, matrix_entropy(Z.double()), rtol=0, atol=1e-12)
+    assert matrix_entropy(Z, dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("alpha", [1.01, 2.0])
+def test_gradients_are_finite_with_repeated_tokens(alpha):
+    # Repeated tokens give repeated (and zero) eigenvalues: the hard case for eigvalsh grads.
+    base = torch.randn(4, 8, dtype=torch.float64)
+    Z = torch.cat([base, base, base[:1].expand(6, 8)]).requires_grad_(True)
+    H = matrix_entropy(Z, alpha=alpha)
+    (grad,) = torch.autograd.grad(H, Z)
+    assert torch.all(torch.isfinite(grad)) and grad.abs().sum() > 0
+
+
+def test_proxy_gradients_are_finite_and_reach_both_inputs():
+    Zp = torch.randn(10, 6, requires_grad=True)
+    Zr = torch.randn(5, 6, requires_grad=True)
+    conditional_entropy_proxy(Zp, Zr, alpha=2.0).backward()
+    for t in (Zp, Zr):
+        assert torch.all(torch.isfinite(t.grad)) and t.grad.abs().sum() > 0
+
+
+def test_gradient_matches_finite_differences():
+    Z = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: matrix_entropy(z, alpha=1.01, sigma=2.0), (Z,))
+
+
+# ---------------------------------------------------------------- degenerate and bad input
+
+
+def test_nan_input_raises_by_default_and_propagates_only_when_asked():
+    Z = torch.randn(3, 10, 4)
+    Z[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        matrix_entropy(Z)
+    H = matrix_entropy(Z, nan_policy="propagate")
+    assert torch.isnan(H[1]) and torch.all(torch.isfinite(H[[0, 2]]))
+    torch.testing.assert_close(H[[0, 2]], matrix_entropy(Z[[0, 2]]))
+
+
+def test_nan_in_padding_is_ignored():
+    Z = torch.randn(10, 4)
+    Z[8:] = float("inf")
+    mask = torch.arange(10) < 8
+    torch.testing.assert_close(matrix_entropy(Z, mask=mask), matrix_entropy(Z[:8]))
+
+
+def test_all_masked_sequence_raises():
+    with pytest.raises(ValueError, match="no valid token"):
+        matrix_entropy(torch.randn(5, 3), mask=torch.zeros(5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("alpha", [0, -1, float("nan"), float("inf")])
+def test_bad_alpha_raises(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        matrix_entropy(torch.randn(5, 3), alpha=alpha)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), "mean"])
+def test_bad_bandwidth_raises(sigma):
+    with pytest.raises(ValueError, match="bandwidth"):
+        matrix_entropy(torch.randn(5, 3), sigma=sigma)
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match=r"\[\.\.\., n, d\]"):
+        matrix_entropy(torch.randn(5))
+    with pytest.raises(ValueError, match="mask"):
+        matrix_entropy(torch.randn(5, 3), mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="share"):
+        conditional_entropy_proxy(torch.randn(5, 3), torch.randn(5, 4))
+    with pytest.raises(TypeError, match="floating"):
+        matrix_entropy(torch.ones(5, 3, dtype=torch.long))
+
+
+def test_resolve_bandwidth_accepts_per_sequence_tensor():
+    Z = torch.randn(2, 10, 3, dtype=torch.float64)
+    sigma = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    per_sequence = matrix_entropy(Z, sigma=sigma)
+    assert per_sequence[0].item() == pytest.approx(matrix_entropy(Z[0], sigma=1.0).item())
+    assert per_sequence[1].item() == pytest.approx(matrix_entropy(Z[1], sigma=2.0).item())
+    assert resolve_bandwidth(Z, 3.0).shape == (2,)
+
+
+# ---------------------------------------------------------------- property tests
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 24),
+    d=st.integers(1, 6),
+    alpha=st.sampled_from([0.5, 1.0, 1.01, 2.0, 4.0]),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_entropy_lies_between_zero_and_log_n(n, d, alpha, scale, seed):
+    Z = scale * torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    H = matrix_entropy(Z, alpha=alpha).item()
+    assert 0.0 <= H <= math.log2(n) + 1e-9
+    normalised = matrix_entropy(Z, alpha=alpha, normalize=True).item()
+    assert 0.0 <= normalised <= 1.0 + 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 12), m=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_proxy_is_finite_and_bounded_by_joint_log_count(n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    proxy = conditional_entropy_proxy(
+        torch.randn(n, 4, generator=g), torch.randn(m, 4, generator=g)
+    )
+    assert math.isfinite(proxy.item())
+    assert -math.log2(n + m) - 1e-9 <= proxy.item() <= math.log2(n + m) + 1e-9
