@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench bench-quick venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
-	$(PY) scripts/bench_estimators.py --quick
+	$(VENV)/bin/unifyreg pretrain-toy --config configs/toy/pretrain.yaml
+	$(VENV)/bin/unifyreg eval --config configs/toy/eval.yaml
+	$(VENV)/bin/unifyreg probe --config configs/toy/probe.yaml
 
 bench: $(STAMP)
 	$(PY) scripts/bench_estimators.py
+
+bench-quick: $(STAMP)
+	$(PY) scripts/bench_estimators.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

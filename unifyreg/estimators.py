@@ -42,6 +42,7 @@ __all__ = [
     "gaussian_gram",
     "matrix_entropy",
     "median_bandwidth",
+    "normalize_by_count",
     "pairwise_sq_distances",
     "renyi_entropy",
     "resolve_bandwidth",
@@ -318,8 +319,14 @@ def _valid_counts(Z: Tensor, mask: Tensor | None) -> Tensor:
     return mask.sum(-1).to(Z.dtype)
 
 
-def _normalise(entropy: Tensor, counts: Tensor, base: float) -> Tensor:
-    """Divide by ``log_base(count)``, the maximum entropy; a single token gives 0."""
+def normalize_by_count(entropy: Tensor, counts: Tensor, base: float = 2.0) -> Tensor:
+    """Length-normalised value: ``entropy / log_base(count)``; a count of 1 gives 0.
+
+    ``log_base(count)`` is the largest entropy ``count`` tokens can have, so normalised
+    entropies lie in [0, 1]. ``counts`` broadcasts against ``entropy``.
+    """
+    base = _check_base(base)
+    counts = torch.as_tensor(counts, dtype=entropy.dtype, device=entropy.device)
     log_count = torch.log(counts.clamp_min(1.0)) / math.log(base)
     safe = torch.where(log_count > 0, log_count, torch.ones((), dtype=log_count.dtype))
     return torch.where(log_count > 0, entropy / safe, torch.zeros((), dtype=entropy.dtype))
@@ -350,7 +357,7 @@ def matrix_entropy(
         raise ValueError("a sequence has no valid token (mask all False): entropy undefined")
     entropy = renyi_entropy(gaussian_gram(Zc, sigma, mask), alpha, base)
     if normalize:
-        entropy = _normalise(entropy, counts, base)
+        entropy = normalize_by_count(entropy, counts, base)
     if bad is not None:
         entropy = torch.where(bad, torch.full((), math.nan, dtype=entropy.dtype), entropy)
     return entropy
@@ -408,7 +415,7 @@ def conditional_entropy_proxy(
     K_pp = K_joint[..., :n, :n]
     proxy = renyi_entropy(K_joint, alpha, base) - renyi_entropy(K_pp, alpha, base)
     if normalize:
-        proxy = _normalise(proxy, count_p + count_r, base)
+        proxy = normalize_by_count(proxy, count_p + count_r, base)
     bad = None
     for flags in (bad_p, bad_r):
         if flags is not None:

@@ -1,0 +1,143 @@
+"""Tests of structured configs, the command line, and the pretrain-toy / eval recipes."""
+
+import json
+
+import pytest
+
+from unifyreg.cli import main
+from unifyreg.config import ConfigError, EvalConfig, PretrainToyConfig, load_config
+
+
+def test_defaults_file_and_overrides_merge_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 50\nmodel:\n  hidden_size: 64\n")
+    cfg = load_config(PretrainToyConfig, path, ["model.hidden_size=96", "optim.lr=0.01"])
+    assert (cfg.max_steps, cfg.model.hidden_size, cfg.optim.lr) == (50, 96, 0.01)
+    assert cfg.batch_size == PretrainToyConfig().batch_size
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_step=5", "unknown config key 'max_step'; valid keys under <top level>: world"),
+        ("model.width=5", "unknown config key 'model.width'; valid keys under model: hidden_size"),
+        ("max_steps=many", "bad value for config key 'max_steps'"),
+        ("max_steps=0", "max_steps must be >= 1"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("model.num_heads=3", "divisible by model.num_heads"),
+        ("world.grid_size=1", "grid_size must be between 2"),
+        ("max_steps", "must look like key=value"),
+    ],
+)
+def test_bad_values_raise_one_clear_config_error(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(PretrainToyConfig, None, [override])
+
+
+def test_bad_files_raise_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PretrainToyConfig, tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(PretrainToyConfig, tmp_path / "list.yaml")
+
+
+def test_cache_key_tracks_what_changes_the_weights():
+    base = PretrainToyConfig()
+    assert base.cache_key() == PretrainToyConfig().cache_key()
+    assert base.cache_key() != PretrainToyConfig(max_steps=10).cache_key()
+    # Where the cache lives and whether to evaluate do not change the weights.
+    assert base.cache_key() == PretrainToyConfig(cache_dir="/elsewhere", evaluate=False).cache_key()
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["pretrain-toy", "max_stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "max_stepz" in err and "max_steps" in err
+    assert main(["eval", "splits=[nope]", "pretrain.cache_dir=/nonexistent"]) == 2
+    assert "unknown split(s) ['nope']" in capsys.readouterr().err
+
+
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "world.n_pretrain=200",
+    "world.n_heldout=10",
+    "world.n_eval_per_category=2",
+    "max_steps=6",
+    "batch_size=16",
+    "checkpoint_every_n_steps=3",
+    "accelerator=cpu",
+]
+
+
+def test_pretrain_toy_builds_then_reuses_and_eval_reports(tmp_path, capsys):
+    cache = f"cache_dir={tmp_path / 'cache'}"
+    assert main(["pretrain-toy", *TINY, cache]) == 0
+    out = capsys.readouterr().out
+    assert "toy base saved to" in out and "| headline | accuracy |" in out
+    cfg = load_config(PretrainToyConfig, None, [*TINY, cache])
+    base = cfg.cache_path()
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "eval.json",
+        "pretrain.yaml",
+    ):
+        assert (base / name).is_file(), name
+    assert not base.with_name(base.name + ".partial").exists()
+    summary = json.loads((base / "eval.json").read_text())
+    assert summary["max_steps"] == 6 and set(summary["headline"]) >= {"t2i_direct", "transfer"}
+    mtime = (base / "model.safetensors").stat().st_mtime_ns
+
+    assert main(["pretrain-toy", *TINY, cache]) == 0
+    assert "reusing cached toy base" in capsys.readouterr().out
+    assert (base / "model.safetensors").stat().st_mtime_ns == mtime
+
+    output = tmp_path / "eval.json"
+    pretrain = [f"pretrain.{item}" for item in [*TINY, cache]]
+    assert main(["eval", *pretrain, "splits=[heldout]", f"output={output}"]) == 0
+    result = json.loads(output.read_text())
+    assert set(result["by_task"]) == {"heldout/transfer"}
+    assert result["by_task"]["heldout/transfer"]["count"] == 10
+    assert result["model_path"] == str(base)
+
+
+def test_eval_with_missing_model_path_is_a_config_error():
+    with pytest.raises(ConfigError, match="model_path"):
+        from unifyreg.recipes.evaluate import run
+
+        run(EvalConfig(model_path="/definitely/not/here"))
+
+
+def test_probe_command_writes_tables_figures_and_scores(tmp_path, capsys):
+    pretrain = [f"pretrain.{item}" for item in [*TINY, f"cache_dir={tmp_path / 'cache'}"]]
+    out_dir = tmp_path / "probe"
+    assert main(["probe", *pretrain, "probe.layers=[0,1,2]", f"output_dir={out_dir}"]) == 0
+    printed = capsys.readouterr().out
+    assert "unify/encoding_gap = " in printed and "| layer | text:" in printed
+    for name in ("result.json", "summary.json", "table.md", "table.csv", "stats.csv",
+                 "encoding_trajectories.png", "response_trajectories.png"):
+        assert (out_dir / name).is_file(), name
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["layers"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.adapter=gpt5"], "model.adapter: unknown adapter 'gpt5'"),
+        (["model.path=/not/a/dir"], "model.path: directory '/not/a/dir' does not exist"),
+        (["probe_set=/no/such.jsonl"], "probe_set: expected 'toy' or a manifest"),
+        (["probe.alpha=0"], "probe.alpha must be > 0"),
+        (["probe.bandwidth=wide"], "probe.bandwidth must be 'median' or a number"),
+        (["probe.responses=sampled"], "probe.responses must be 'reference' or 'generated'"),
+        (["on_bad_example=ignore"], "on_bad_example must be 'error' or 'skip'"),
+    ],
+)
+def test_probe_config_errors_stop_before_work(overrides, message, capsys):
+    assert main(["probe", *overrides]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,208 @@
+"""Lightning callbacks: probe unification during fine-tuning.
+
+``EntropyProbe`` runs the paper's two-level probe (:mod:`unifyreg.probing`) on a fixed
+probe set every ``every_n_epochs`` epochs (and once before training as the epoch-0
+baseline), logs the results to every logger of the Trainer, writes a JSON line per probe
+and trajectory figures, and keeps its history in ``state_dict`` so a resumed run
+continues it without duplicated or missing epochs.
+
+Logged metric names (``LL`` = the layer index, two digits; step = the global step):
+
+- ``probe/<quantity>/layer_LL``: mean raw value over the probe set (bits), for
+  ``<quantity>`` in ``encoding/text``, ``encoding/image``, ``response/text``,
+  ``response/image``;
+- ``probe_norm/<quantity>/layer_LL``: the same, length-normalised;
+- ``unify/encoding_gap``, ``unify/response_split``, ``unify/final_gap``: unifyreg's
+  scalar scores (see :mod:`unifyreg.probing`);
+- ``probe/epoch``: the epoch label of the probe (0 = before training, e = after e
+  epochs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from unifyreg.config import ProbeConfig
+from unifyreg.fileio import atomic_write_text
+from unifyreg.probing import QUANTITIES, ProbeResult, run_probe
+
+__all__ = ["EntropyProbe", "probe_metrics"]
+
+
+def probe_metrics(result: ProbeResult) -> dict[str, float]:
+    """Flat metric dict of a probe result (names in the module docstring)."""
+    metrics: dict[str, float] = {}
+    for quantity in QUANTITIES:
+        for prefix, normalized in (("probe", False), ("probe_norm", True)):
+            mean = result.pooled_mean(quantity, normalized=normalized)
+            if mean is None:
+                continue
+            for layer, value in zip(result.layers, mean, strict=True):
+                metrics[f"{prefix}/{quantity}/layer_{layer:02d}"] = float(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a missing modality was already reported once
+        scores = result.scores()
+    metrics.update({f"unify/{name}": value for name, value in scores.items()})
+    return metrics
+
+
+class EntropyProbe(Callback):
+    """Probe the model every ``every_n_epochs`` epochs and log unification metrics.
+
+    Args:
+        examples: the fixed probe set (objects with ``prompt_text``, ``prompt_image``,
+            ``response_text``, ``response_image``, ``category``).
+        probe: probe settings (:class:`unifyreg.config.ProbeConfig`).
+        every_n_epochs: probe after every n-th training epoch (>= 1).
+        probe_at_start: also probe before training (epoch label 0).
+        output_dir: where ``probe_history.jsonl`` and figures go (None: no files).
+        adapter: the adapter to probe; None takes ``pl_module.adapter``.
+        figures: draw trajectory figures (one curve per epoch), also sent to TensorBoard.
+
+    Example (plain Lightning)::
+
+        from unifyreg.callbacks import EntropyProbe
+        probe = EntropyProbe(probe_examples, every_n_epochs=1, output_dir="runs/x/probe",
+                             adapter=my_adapter)
+        trainer = lightning.Trainer(max_epochs=3, callbacks=[probe])
+        trainer.fit(my_module, train_loader)
+        probe.history[-1]["scores"]  # {"encoding_gap": ..., "response_split": ..., ...}
+    """
+
+    HISTORY_FILE = "probe_history.jsonl"
+
+    def __init__(
+        self,
+        examples: Sequence[Any],
+        probe: ProbeConfig | None = None,
+        every_n_epochs: int = 1,
+        probe_at_start: bool = True,
+        output_dir: str | Path | None = None,
+        adapter: Any = None,
+        figures: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if len(examples) == 0:
+            raise ValueError("EntropyProbe needs a non-empty probe set")
+        if probe is not None and not isinstance(probe, ProbeConfig):
+            raise TypeError(f"probe must be a ProbeConfig, got {type(probe).__name__}")
+        self.examples = list(examples)
+        self.probe = probe or ProbeConfig()
+        self.every_n_epochs = every_n_epochs
+        self.probe_at_start = bool(probe_at_start)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.adapter = adapter
+        self.figures = figures
+        #: One entry per probe: {"epoch", "global_step", "seconds", "metrics", "summary"}.
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.probe_at_start and not self._has_epoch(0):
+            self._probe(trainer, pl_module, epoch=0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs == 0 and not self._has_epoch(epoch):
+            self._probe(trainer, pl_module, epoch=epoch)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": json.loads(json.dumps(self.history))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    # ------------------------------------------------------------------ work
+
+    def _has_epoch(self, epoch: int) -> bool:
+        return any(entry["epoch"] == epoch for entry in self.history)
+
+    def _resolve_adapter(self, pl_module: L.LightningModule) -> Any:
+        adapter = self.adapter if self.adapter is not None else getattr(pl_module, "adapter", None)
+        if adapter is None:
+            raise ValueError(
+                "EntropyProbe needs an adapter: pass adapter=... or use a module with .adapter"
+            )
+        return adapter
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        adapter = self._resolve_adapter(pl_module)
+        start = time.perf_counter()
+        rank, world = trainer.global_rank, trainer.world_size
+        # Each rank probes every world-th example; per-sample records are gathered so the
+        # statistics equal a single-process probe of the whole set.
+        shard = self.examples[rank::world] if world > 1 else self.examples
+        local = run_probe(adapter, shard, self.probe) if shard else None
+        result = self._gather(trainer, local)
+        seconds = time.perf_counter() - start
+        metrics = probe_metrics(result)
+        metrics["probe/epoch"] = float(epoch)
+        entry = {
+            "epoch": epoch,
+            "global_step": int(trainer.global_step),
+            "seconds": seconds,
+            "metrics": metrics,
+            "summary": result.summary(),
+        }
+        self.history.append(entry)
+        self.history.sort(key=lambda e: e["epoch"])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=int(trainer.global_step))
+        if trainer.is_global_zero:
+            self._write_files(trainer, result)
+
+    def _gather(self, trainer: L.Trainer, local: ProbeResult | None) -> ProbeResult:
+        if trainer.world_size == 1:
+            assert local is not None
+            return local
+        gathered: list[Any] = [None] * trainer.world_size
+        payload = local.to_dict() if local is not None else None
+        torch.distributed.all_gather_object(gathered, payload)
+        parts = [ProbeResult.from_dict(p) for p in gathered if p is not None]
+        return ProbeResult.merge(parts)
+
+    def _write_files(self, trainer: L.Trainer, result: ProbeResult) -> None:
+        if self.output_dir is None:
+            return
+        lines = [
+            json.dumps({k: entry[k] for k in ("epoch", "global_step", "seconds", "metrics")})
+            for entry in self.history
+        ]
+        atomic_write_text(self.output_dir / self.HISTORY_FILE, "\n".join(lines) + "\n")
+        result.save(self.output_dir / f"result_epoch_{self.history[-1]['epoch']:03d}.json")
+        if self.figures:
+            from unifyreg.report import plot_probe_history
+
+            figures = plot_probe_history(self.history, self.output_dir)
+            self._send_figures_to_tensorboard(trainer, figures)
+
+    def _send_figures_to_tensorboard(self, trainer: L.Trainer, figures: dict[str, Path]) -> None:
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if experiment is None or not hasattr(experiment, "add_image"):
+                continue
+            import numpy as np
+            from PIL import Image
+
+            for name, path in figures.items():
+                with Image.open(path) as image:
+                    array = np.asarray(image.convert("RGB"))
+                experiment.add_image(
+                    f"figures/{name}", array, global_step=trainer.global_step, dataformats="HWC"
+                )

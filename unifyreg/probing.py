@@ -1,0 +1,455 @@
+"""The paper's two-level entropy probe, over a fixed probe set -> :class:`ProbeResult`.
+
+For every probe example (one forward pass, teacher-forced, eval mode, no gradient) and
+every probed layer l, from the role-labelled hidden states only:
+
+- ``encoding/text``: ``H(text-prompt tokens)`` of examples without an image prompt;
+- ``encoding/image``: ``H(image-prompt tokens)`` of examples with an image prompt;
+- ``response/text``: ``H(R | P)`` proxy with R = the text-response tokens and P = all
+  prompt tokens (text and image) of the same example, same layer;
+- ``response/image``: the same proxy with R = the image-response tokens.
+
+``H`` is :func:`unifyreg.estimators.matrix_entropy` (alpha = 1.01, median bandwidth,
+bits by default); the proxy is :func:`unifyreg.estimators.conditional_entropy_proxy`.
+Every value is kept raw and length-normalised (entropies divided by log2 of the token
+count, proxies by log2 of the joint count). Hidden states of one batch at a time are held
+in memory; only per-sample scalars per layer are kept.
+
+unifyreg's scalar scores (our definitions, not the paper's; DESIGN.md), on the
+normalised per-layer means pooled over categories, ``Ht, Hi`` (encoding text/image) and
+``Ct, Ci`` (response text/image), over the probed layers ``l``:
+
+- ``encoding_gap   = mean_l |Ht(l) - Hi(l)|``
+- ``response_split = mean_l (Ct(l) - Ci(l))`` (> 0: text "creative", image "fidelity")
+- ``final_gap      = |Ct(L) - Ci(L)|`` at the last probed layer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unifyreg.config import ProbeConfig
+from unifyreg.estimators import conditional_entropy_proxy, matrix_entropy, normalize_by_count
+from unifyreg.fileio import atomic_write_json, atomic_write_text
+from unifyreg.roles import Role, role_counts, role_segments
+
+__all__ = [
+    "QUANTITIES",
+    "SCORE_NAMES",
+    "ProbeResult",
+    "QuantityRecords",
+    "probe_batch",
+    "run_probe",
+]
+
+QUANTITIES = ("encoding/text", "encoding/image", "response/text", "response/image")
+SCORE_NAMES = ("encoding_gap", "response_split", "final_gap")
+PROMPT_ROLES = (Role.TEXT_PROMPT, Role.IMAGE_PROMPT)
+
+
+@dataclass
+class QuantityRecords:
+    """Per-sample values of one quantity: ``values``/``normalized`` ``[N, n_layers]``."""
+
+    values: np.ndarray
+    normalized: np.ndarray
+    categories: list[str]
+    tokens: np.ndarray
+
+    @classmethod
+    def empty(cls, n_layers: int) -> QuantityRecords:
+        return cls(np.zeros((0, n_layers)), np.zeros((0, n_layers)), [], np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+    def extend(self, other: QuantityRecords) -> None:
+        self.values = np.concatenate([self.values, other.values])
+        self.normalized = np.concatenate([self.normalized, other.normalized])
+        self.categories = [*self.categories, *other.categories]
+        self.tokens = np.concatenate([self.tokens, other.tokens])
+
+
+@dataclass
+class ProbeResult:
+    """Per-sample probe values for every quantity and layer, with statistics and output.
+
+    ``stats(q)`` gives mean, std and count per category (and ``"all"``) and layer;
+    ``scores()`` gives unifyreg's scalar scores; ``merge`` pools results of several
+    shards (e.g. DDP ranks) exactly as one run over their union.
+    """
+
+    layers: tuple[int, ...]
+    records: dict[str, QuantityRecords]
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ statistics
+
+    def stats(self, quantity: str, normalized: bool = False) -> dict[str, dict[str, Any]]:
+        """``{category: {"mean": [n_layers], "std": [n_layers], "count": int}}`` (+ ``"all"``).
+
+        ``std`` is the population standard deviation (0 for a single sample). Categories
+        with no sample are absent.
+        """
+        if quantity not in self.records:
+            raise ValueError(f"unknown quantity {quantity!r}; valid: {', '.join(QUANTITIES)}")
+        rec = self.records[quantity]
+        data = rec.normalized if normalized else rec.values
+        out: dict[str, dict[str, Any]] = {}
+        groups = {
+            c: [i for i, x in enumerate(rec.categories) if x == c]
+            for c in sorted(set(rec.categories))
+        }
+        if len(rec):
+            groups["all"] = list(range(len(rec)))
+        for category, rows in groups.items():
+            block = data[rows]
+            out[category] = {
+                "mean": block.mean(axis=0).tolist(),
+                "std": block.std(axis=0).tolist(),
+                "count": len(rows),
+            }
+        return out
+
+    def pooled_mean(self, quantity: str, normalized: bool = True) -> np.ndarray | None:
+        """Mean over all samples of ``quantity`` per layer (None when it has no sample)."""
+        rec = self.records[quantity]
+        if not len(rec):
+            return None
+        return (rec.normalized if normalized else rec.values).mean(axis=0)
+
+    def scores(self) -> dict[str, float]:
+        """unifyreg's scalar scores (module docstring); a score whose inputs are missing
+        from the probe set (e.g. no image prompts) is left out, with a warning."""
+        Ht, Hi = self.pooled_mean("encoding/text"), self.pooled_mean("encoding/image")
+        Ct, Ci = self.pooled_mean("response/text"), self.pooled_mean("response/image")
+        scores: dict[str, float] = {}
+        missing = []
+        if Ht is not None and Hi is not None:
+            scores["encoding_gap"] = float(np.mean(np.abs(Ht - Hi)))
+        else:
+            missing.append("encoding_gap")
+        if Ct is not None and Ci is not None:
+            scores["response_split"] = float(np.mean(Ct - Ci))
+            scores["final_gap"] = float(abs(Ct[-1] - Ci[-1]))
+        else:
+            missing += ["response_split", "final_gap"]
+        if missing:
+            warnings.warn(
+                f"probe set lacks the samples for {', '.join(missing)} "
+                "(needs text and image prompts / responses); those scores are left out",
+                stacklevel=2,
+            )
+        return scores
+
+    # ------------------------------------------------------------------ combining
+
+    @classmethod
+    def merge(cls, results: Sequence[ProbeResult]) -> ProbeResult:
+        """Pool the samples of several results over the same layers (e.g. DDP shards)."""
+        if not results:
+            raise ValueError("nothing to merge")
+        layers = results[0].layers
+        if any(r.layers != layers for r in results):
+            raise ValueError("cannot merge probe results over different layers")
+        records = {q: QuantityRecords.empty(len(layers)) for q in QUANTITIES}
+        for result in results:
+            for q in QUANTITIES:
+                records[q].extend(result.records[q])
+        return cls(layers, records, dict(results[0].settings), dict(results[0].meta))
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: per-sample records, statistics and scores."""
+        return {
+            "layers": list(self.layers),
+            "settings": self.settings,
+            "meta": self.meta,
+            "records": {
+                q: {
+                    "values": r.values.tolist(),
+                    "normalized": r.normalized.tolist(),
+                    "categories": r.categories,
+                    "tokens": r.tokens.tolist(),
+                }
+                for q, r in self.records.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        n_layers = len(data["layers"])
+        records = {}
+        for q in QUANTITIES:
+            r = data["records"][q]
+            records[q] = QuantityRecords(
+                np.asarray(r["values"], dtype=float).reshape(-1, n_layers),
+                np.asarray(r["normalized"], dtype=float).reshape(-1, n_layers),
+                list(r["categories"]),
+                np.asarray(r["tokens"], dtype=np.int64),
+            )
+        return cls(tuple(data["layers"]), records, data.get("settings", {}), data.get("meta", {}))
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON atomically (per-sample records, so it can be merged or re-analysed)."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def summary(self) -> dict[str, Any]:
+        """Compact JSON-ready summary: scores and per-layer statistics (raw and normalised)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = self.scores()
+        return {
+            "layers": list(self.layers),
+            "scores": scores,
+            "stats": {
+                q: {"raw": self.stats(q), "normalized": self.stats(q, normalized=True)}
+                for q in QUANTITIES
+                if len(self.records[q])
+            },
+        }
+
+    def table(self, layer: int | None = None, fmt: str = "markdown") -> str:
+        """Table-1-style table: mean entropy per prompt category at one layer (default:
+        the first probed, i.e. the embedding entropy when layer 0 is probed), text
+        categories then image categories; ``fmt`` is ``"markdown"`` or ``"csv"``."""
+        column = 0 if layer is None else self._column(layer)
+        header, cells = ["layer"], [str(self.layers[column])]
+        for q in ("encoding/text", "encoding/image"):
+            for category, st in self.stats(q).items():
+                if category == "all":
+                    continue
+                header.append(f"{q.split('/')[1]}:{category}")
+                cells.append(f"{st['mean'][column]:.3f}")
+        if fmt == "csv":
+            return ",".join(header) + "\n" + ",".join(cells) + "\n"
+        if fmt != "markdown":
+            raise ValueError(f"fmt must be 'markdown' or 'csv', got {fmt!r}")
+        return (
+            "| "
+            + " | ".join(header)
+            + " |\n|"
+            + "---|" * len(header)
+            + "\n| "
+            + " | ".join(cells)
+            + " |\n"
+        )
+
+    def long_csv(self) -> str:
+        """Every statistic in long form, one CSV row per (quantity, category, layer)."""
+        lines = ["quantity,category,layer,mean,std,count,normalized_mean,normalized_std"]
+        for q in QUANTITIES:
+            raw, norm = self.stats(q), self.stats(q, normalized=True)
+            for category in raw:
+                for i, layer in enumerate(self.layers):
+                    r, n = raw[category], norm[category]
+                    lines.append(
+                        f"{q},{category},{layer},{r['mean'][i]:.6f},{r['std'][i]:.6f},"
+                        f"{r['count']},{n['mean'][i]:.6f},{n['std'][i]:.6f}"
+                    )
+        return "\n".join(lines) + "\n"
+
+    def write(self, directory: str | Path, figures: bool = True) -> dict[str, Path]:
+        """Write result.json, summary.json, table.md, table.csv, stats.csv (+ figures)."""
+        directory = Path(directory)
+        paths = {
+            "result": self.save(directory / "result.json"),
+            "summary": atomic_write_json(directory / "summary.json", self.summary()),
+            "table_md": atomic_write_text(directory / "table.md", self.table()),
+            "table_csv": atomic_write_text(directory / "table.csv", self.table(fmt="csv")),
+            "stats_csv": atomic_write_text(directory / "stats.csv", self.long_csv()),
+        }
+        if figures:
+            from unifyreg.report import plot_probe_result
+
+            paths.update(plot_probe_result(self, directory))
+        return paths
+
+    def _column(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not probed; probed: {list(self.layers)}")
+        return self.layers.index(layer)
+
+
+# ---------------------------------------------------------------------- running
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _entropies(Z, mask, cfg: ProbeConfig) -> torch.Tensor:
+    """Raw entropies ``[n_layers, b]`` of padded segments, ``layers_per_chunk`` at a time."""
+    out = []
+    for start in range(0, Z.shape[0], cfg.layers_per_chunk):
+        chunk = Z[start : start + cfg.layers_per_chunk]
+        out.append(
+            matrix_entropy(
+                chunk,
+                alpha=cfg.alpha,
+                sigma=cfg.sigma,
+                base=cfg.base,
+                mask=mask.expand(chunk.shape[0], *mask.shape),
+                dtype=cfg.torch_dtype,
+                nan_policy="propagate",
+            )
+        )
+    return torch.cat(out)
+
+
+def _proxies(Zp, mask_p, Zr, mask_r, cfg: ProbeConfig) -> torch.Tensor:
+    out = []
+    for start in range(0, Zp.shape[0], cfg.layers_per_chunk):
+        p, r = Zp[start : start + cfg.layers_per_chunk], Zr[start : start + cfg.layers_per_chunk]
+        out.append(
+            conditional_entropy_proxy(
+                p,
+                r,
+                alpha=cfg.alpha,
+                sigma=cfg.sigma,
+                base=cfg.base,
+                mask_p=mask_p.expand(p.shape[0], *mask_p.shape),
+                mask_r=mask_r.expand(r.shape[0], *mask_r.shape),
+                dtype=cfg.torch_dtype,
+                nan_policy="propagate",
+            )
+        )
+    return torch.cat(out)
+
+
+def _warn_non_finite(quantity: str, values: torch.Tensor, layers: Sequence[int]) -> None:
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        bad_layers = [layers[i] for i in torch.nonzero(bad.any(dim=1)).flatten().tolist()]
+        warnings.warn(
+            f"probe: non-finite hidden states for {quantity} at layer(s) {bad_layers}; "
+            f"{int(bad.any(dim=0).sum())} sample(s) recorded as NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def probe_batch(
+    hidden_states: torch.Tensor,
+    roles: torch.Tensor,
+    categories: Sequence[str],
+    layers: Sequence[int],
+    cfg: ProbeConfig,
+) -> dict[str, QuantityRecords]:
+    """The four quantities for one batch of hidden states ``[n_layers, B, S, d]``."""
+    base = cfg.base
+    n_layers = hidden_states.shape[0]
+    records = {q: QuantityRecords.empty(n_layers) for q in QUANTITIES}
+    image_prompt_counts = role_counts(roles, Role.IMAGE_PROMPT)
+    prompt_counts = role_counts(roles, PROMPT_ROLES)
+
+    def add(quantity: str, select: torch.Tensor, values: torch.Tensor, counts: torch.Tensor):
+        _warn_non_finite(quantity, values, layers)
+        normalized = normalize_by_count(values, counts.to(values.dtype)[None, :], base)
+        idx = torch.nonzero(select).flatten().tolist()
+        records[quantity] = QuantityRecords(
+            values.T.cpu().numpy().astype(float),
+            normalized.T.cpu().numpy().astype(float),
+            [categories[i] for i in idx],
+            counts.cpu().numpy().astype(np.int64),
+        )
+
+    for quantity, role, select in (
+        ("encoding/text", Role.TEXT_PROMPT, image_prompt_counts == 0),
+        ("encoding/image", Role.IMAGE_PROMPT, image_prompt_counts > 0),
+    ):
+        counts = role_counts(roles, role)
+        select = select & (counts > 0)
+        if bool(select.any()):
+            Z, mask = role_segments(hidden_states[:, select], roles[select], role)
+            add(quantity, select, _entropies(Z, mask, cfg), counts[select])
+
+    for quantity, role in (
+        ("response/text", Role.TEXT_RESPONSE),
+        ("response/image", Role.IMAGE_RESPONSE),
+    ):
+        counts = role_counts(roles, role)
+        select = (counts > 0) & (prompt_counts > 0)
+        if bool(select.any()):
+            H, R = hidden_states[:, select], roles[select]
+            Zp, mask_p = role_segments(H, R, PROMPT_ROLES)
+            Zr, mask_r = role_segments(H, R, role)
+            joint_counts = counts[select] + prompt_counts[select]
+            add(quantity, select, _proxies(Zp, mask_p, Zr, mask_r, cfg), joint_counts)
+    return records
+
+
+def _with_generated_responses(adapter: Any, examples: Sequence[Any]) -> list[Any]:
+    """Replace each reference response by the model's own greedy response."""
+    images = [i for i, e in enumerate(examples) if e.response_image is not None]
+    texts = [i for i, e in enumerate(examples) if e.response_image is None]
+    out = list(examples)
+    if images:
+        for i, grid in zip(
+            images, adapter.generate_images([examples[i] for i in images]), strict=True
+        ):
+            out[i] = dataclasses.replace(examples[i], response_image=grid)
+    if texts:
+        answers = adapter.generate_text([examples[i] for i in texts])
+        for i, answer in zip(texts, answers, strict=True):
+            # An empty answer cannot be probed; a single <eos>-like word keeps the slot.
+            out[i] = dataclasses.replace(examples[i], response_text=answer or None)
+    return [e for e in out if e.response_text is not None or e.response_image is not None]
+
+
+@torch.no_grad()
+def run_probe(
+    adapter: Any,
+    examples: Sequence[Any],
+    cfg: ProbeConfig | None = None,
+    progress: bool = False,
+) -> ProbeResult:
+    """Probe ``adapter`` on ``examples`` (each with a ``category``) -> :class:`ProbeResult`.
+
+    Runs in eval mode without gradient and restores the model's mode afterwards.
+    """
+    cfg = cfg or ProbeConfig()
+    if len(examples) == 0:
+        raise ValueError("the probe set is empty")
+    layers = adapter.resolve_layers(cfg.layers or None)
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    records = {q: QuantityRecords.empty(len(layers)) for q in QUANTITIES}
+    try:
+        if cfg.responses == "generated":
+            examples = _with_generated_responses(adapter, examples)
+        batches = list(_batches(examples, cfg.batch_size))
+        iterator: Iterable = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc="probe", unit="batch")
+        for chunk in iterator:
+            out = adapter.forward(adapter.encode(chunk), layers=layers)
+            categories = [str(getattr(e, "category", "default")) for e in chunk]
+            batch_records = probe_batch(out.hidden_states, out.roles, categories, layers, cfg)
+            for q in QUANTITIES:
+                records[q].extend(batch_records[q])
+            del out
+    finally:
+        model.train(was_training)
+    settings = dataclasses.asdict(cfg)
+    settings["layers"] = list(layers)
+    return ProbeResult(tuple(layers), records, settings, {"adapter": adapter.name})

@@ -1,0 +1,258 @@
+"""The splits of the synthetic world and why the held-out split measures reasoning transfer.
+
+Objects. The 16 objects of :data:`~unifyreg.toy.tasks.OBJECT_COLOURS` are split once per
+``(seed, heldout_fraction)`` into *train-transfer* objects and *held-out* objects
+(:func:`object_split`). The split keeps at least one train-transfer object of every
+colour, so every colour a held-out prompt asks for has also been drawn through a fact.
+
+Splits (:func:`build_splits`), each from its own named random stream
+(``random.Random("unifyreg-toy/<seed>/<split>/<task>/<category>")``), so that changing
+one split's size never changes another split:
+
+- ``pretrain``: ``n_pretrain`` examples mixed by :data:`TRAINING_MIX`: text knowledge
+  (facts of **all** objects) and arithmetic, direct drawing, the six understanding
+  categories, and the four t2i reasoning categories, whose ``deductive`` prompts use only
+  train-transfer objects. Every category gets at least one example; the list is shuffled.
+- ``finetune``: ``n_finetune`` examples, the same mix and object rule, other streams.
+- ``eval``: ``n_eval_per_category`` examples of every (task, category) of the training
+  mix, other streams; deductive drawing again uses only train-transfer objects. It
+  measures in-distribution skill (direct drawing, understanding, text facts).
+- ``heldout``: ``n_heldout`` ``transfer``/``deductive`` examples, "the colour of OBJECT
+  in PLACE", over held-out objects only.
+- ``probe/text/<category>`` for each of :data:`T2I_CATEGORIES` (text prompts, reference
+  grids) and ``probe/image/<category>`` for each of :data:`MMBENCH_CATEGORIES` (grid +
+  question, reference words): ``n_probe_per_category`` each, fixed, for the entropy probes.
+
+Why ``heldout`` measures transfer. Every ingredient of a held-out prompt is trained: the
+model reads "the colour of plum is" -> "purple" in text, draws purple into every place
+in direct prompts, and executes "the colour of X in PLACE" for the train-transfer
+objects. What it never sees is a held-out object's fact used inside a drawing: no
+``t2i`` or ``transfer`` example of ``pretrain``, ``finetune`` or ``eval`` names a
+held-out object. Drawing the right grid therefore requires the text-side knowledge to
+reach image generation; the gap between ``eval`` t2i/deductive accuracy (seen objects)
+and ``heldout`` accuracy (unseen combinations) is the failure to transfer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+from unifyreg.toy.tasks import (
+    MMBENCH_CATEGORIES,
+    OBJECT_COLOURS,
+    OBJECTS,
+    T2I_CATEGORIES,
+    TEXT_CATEGORIES,
+    Example,
+    categories,
+    generate,
+)
+from unifyreg.toy.world import MAX_GRID_SIZE
+
+__all__ = [
+    "MMBENCH_CATEGORIES",
+    "T2I_CATEGORIES",
+    "TEXT_CATEGORIES",
+    "TRAINING_MIX",
+    "ObjectSplit",
+    "WorldConfig",
+    "build_splits",
+    "categories",
+    "object_split",
+    "split_names",
+]
+
+TRAINING_MIX: tuple[tuple[str, str, float], ...] = (
+    ("text", "knowledge", 0.08),
+    ("text", "arithmetic", 0.06),
+    ("t2i", "direct", 0.20),
+    ("t2i", "composition", 0.06),
+    ("t2i", "deductive", 0.08),
+    ("t2i", "inductive", 0.05),
+    ("t2i", "abductive", 0.05),
+    ("understanding", "attribute", 0.07),
+    ("understanding", "logical", 0.07),
+    ("understanding", "relation", 0.07),
+    ("understanding", "coarse", 0.07),
+    ("understanding", "single_instance", 0.07),
+    ("understanding", "cross_instance", 0.07),
+)
+"""(task, category, share) of the pretrain / finetune mix; shares sum to one."""
+
+_MAX_HELDOUT_FRACTION = 0.5
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass
+class WorldConfig:
+    """Size and seed of the synthetic world and of each split.
+
+    Validated on construction (and again by :func:`build_splits`); a bad field raises
+    ValueError naming the field and its value.
+    """
+
+    grid_size: int = 4
+    seed: int = 0
+    n_pretrain: int = 6000
+    n_finetune: int = 1500
+    n_heldout: int = 200
+    n_probe_per_category: int = 16
+    heldout_fraction: float = 0.25
+    n_eval_per_category: int = 50
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if isinstance(self.grid_size, bool) or not isinstance(self.grid_size, int):
+            raise ValueError(f"grid_size must be an int, got {self.grid_size!r}")
+        if not 2 <= self.grid_size <= MAX_GRID_SIZE:
+            raise ValueError(
+                f"grid_size must be between 2 and {MAX_GRID_SIZE}, got {self.grid_size}"
+            )
+        _check_int("seed", self.seed, 0)
+        _check_int("n_pretrain", self.n_pretrain, len(TRAINING_MIX))
+        _check_int("n_finetune", self.n_finetune, len(TRAINING_MIX))
+        _check_int("n_heldout", self.n_heldout, 1)
+        _check_int("n_probe_per_category", self.n_probe_per_category, 1)
+        _check_int("n_eval_per_category", self.n_eval_per_category, 1)
+        fraction = self.heldout_fraction
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 < fraction <= _MAX_HELDOUT_FRACTION
+        ):
+            raise ValueError(
+                f"heldout_fraction must be in (0, {_MAX_HELDOUT_FRACTION}], got {fraction!r}"
+            )
+
+    def to_dict(self) -> dict[str, object]:
+        """Field name -> value (e.g. for a cache key)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class ObjectSplit(NamedTuple):
+    """Objects whose facts may be drawn in training, and those kept for the held-out split."""
+
+    train_transfer: tuple[str, ...]
+    heldout: tuple[str, ...]
+
+
+def _stream(seed: int, name: str) -> random.Random:
+    return random.Random(f"unifyreg-toy/{seed}/{name}")
+
+
+def object_split(config: WorldConfig) -> ObjectSplit:
+    """Split the objects into train-transfer and held-out ones, deterministic in the config.
+
+    Holds out ``max(1, round(heldout_fraction * 16))`` objects, never the last
+    train-transfer object of a colour. Both tuples keep :data:`OBJECTS` order.
+    """
+    config.validate()
+    wanted = max(1, round(config.heldout_fraction * len(OBJECTS)))
+    order = list(OBJECTS)
+    _stream(config.seed, "objects").shuffle(order)
+    remaining_per_colour: dict[str, int] = {}
+    for name in OBJECTS:
+        colour = OBJECT_COLOURS[name]
+        remaining_per_colour[colour] = remaining_per_colour.get(colour, 0) + 1
+    heldout: set[str] = set()
+    for name in order:
+        colour = OBJECT_COLOURS[name]
+        if len(heldout) < wanted and remaining_per_colour[colour] > 1:
+            heldout.add(name)
+            remaining_per_colour[colour] -= 1
+    return ObjectSplit(
+        train_transfer=tuple(o for o in OBJECTS if o not in heldout),
+        heldout=tuple(o for o in OBJECTS if o in heldout),
+    )
+
+
+def _allocate(total: int) -> list[int]:
+    """Counts per TRAINING_MIX entry: one each, the rest by share (largest remainder)."""
+    base = [1] * len(TRAINING_MIX)
+    rest = total - len(base)
+    quotas = [share * rest for _, _, share in TRAINING_MIX]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: rest - sum(counts)]:
+        counts[i] += 1
+    return [b + c for b, c in zip(base, counts, strict=True)]
+
+
+def _objects_for(task: str, category: str, objects: ObjectSplit) -> tuple[str, ...]:
+    if task == "t2i":
+        return objects.train_transfer
+    if task == "transfer":
+        return objects.heldout
+    return OBJECTS
+
+
+def _training_split(
+    config: WorldConfig, name: str, total: int, objects: ObjectSplit
+) -> list[Example]:
+    examples: list[Example] = []
+    for (task, category, _), count in zip(TRAINING_MIX, _allocate(total), strict=True):
+        rng = _stream(config.seed, f"{name}/{task}/{category}")
+        chosen = _objects_for(task, category, objects)
+        examples += generate(task, category, count, rng, config.grid_size, chosen)
+    _stream(config.seed, f"{name}/shuffle").shuffle(examples)
+    return examples
+
+
+def split_names() -> tuple[str, ...]:
+    """Every key :func:`build_splits` returns, in its order."""
+    return (
+        "pretrain",
+        "finetune",
+        "eval",
+        "heldout",
+        *(f"probe/text/{c}" for c in T2I_CATEGORIES),
+        *(f"probe/image/{c}" for c in MMBENCH_CATEGORIES),
+    )
+
+
+def build_splits(config: WorldConfig | None = None) -> dict[str, list[Example]]:
+    """Build every split of the world described by ``config`` (default: ``WorldConfig()``).
+
+    Keys are :func:`split_names`; see the module docstring for how each is made. The
+    same config always gives identical splits.
+    """
+    config = WorldConfig() if config is None else config
+    config.validate()
+    objects = object_split(config)
+    size = config.grid_size
+    splits: dict[str, list[Example]] = {
+        "pretrain": _training_split(config, "pretrain", config.n_pretrain, objects),
+        "finetune": _training_split(config, "finetune", config.n_finetune, objects),
+    }
+    evaluation: list[Example] = []
+    for task, category, _ in TRAINING_MIX:
+        rng = _stream(config.seed, f"eval/{task}/{category}")
+        chosen = _objects_for(task, category, objects)
+        evaluation += generate(task, category, config.n_eval_per_category, rng, size, chosen)
+    splits["eval"] = evaluation
+    splits["heldout"] = generate(
+        "transfer",
+        "deductive",
+        config.n_heldout,
+        _stream(config.seed, "heldout/transfer/deductive"),
+        size,
+        objects.heldout,
+    )
+    probes = [("text", "t2i", c) for c in T2I_CATEGORIES]
+    probes += [("image", "understanding", c) for c in MMBENCH_CATEGORIES]
+    for modality, task, category in probes:
+        rng = _stream(config.seed, f"probe/{modality}/{category}")
+        chosen = _objects_for(task, category, objects)
+        splits[f"probe/{modality}/{category}"] = generate(
+            task, category, config.n_probe_per_category, rng, size, chosen
+        )
+    return splits

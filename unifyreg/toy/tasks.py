@@ -1,0 +1,757 @@
+"""Examples, task generators and exact scorers of the synthetic world.
+
+Four tasks, each split into categories (:data:`TASK_CATEGORIES`):
+
+- ``text``: text-only statements. ``knowledge`` ("what colour is grass" -> "green",
+  "the colour of grass is" -> "green") and ``arithmetic`` ("two plus one is" -> "three").
+- ``t2i``: text -> grid. ``direct`` drawing ("top row green", "cell two three blue",
+  "three green cells in the top row": counts fill from the left of a row, from the top of
+  a column) and the T2I-CoReBench-style reasoning categories: ``composition`` (two
+  non-overlapping drawing clauses joined by "and"), ``deductive`` (needs a knowledge fact:
+  "the colour of grass in the top row"), ``inductive`` (extend a pattern: "red blue
+  repeated in the top row", "red blue checkerboard") and ``abductive`` (needs arithmetic:
+  "two plus one red cells in the top row").
+- ``understanding``: grid + question -> one word, MMBench-style categories:
+  ``attribute`` ("what colour is cell two three"), ``logical`` ("are there red and blue
+  cells" -> yes/no), ``relation`` ("what colour is left of cell two three"), ``coarse``
+  ("which colour is most common", non-background, unique by a margin of two),
+  ``single_instance`` ("how many red cells" -> a number word) and ``cross_instance``
+  ("are there more red than blue cells" -> yes/no; the two counts always differ).
+  Attribute and relation questions use dense random scenes; logical, counting and
+  comparison questions use sparse scenes (a few coloured cells) so that the answers stay
+  small and balanced.
+- ``transfer``: category ``deductive``, the same template as t2i/deductive. It is a task
+  of its own so that the splits can give it only objects whose colour was never drawn.
+
+Rows and columns are numbered from one ("row one" is the top row); "top row", "bottom
+row", "left column" and "right column" are aliases. Every prompt has exactly one correct
+answer, which the generator computes; the scorers compare exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from unifyreg.toy.world import BACKGROUND, PALETTE, Grid, as_grid, check_grid_size, make_grid
+
+TASKS: tuple[str, ...] = ("text", "t2i", "understanding", "transfer")
+"""Every task name."""
+
+TEXT_CATEGORIES: tuple[str, ...] = ("knowledge", "arithmetic")
+"""Categories of the text-only task."""
+
+T2I_CATEGORIES: tuple[str, ...] = ("composition", "deductive", "inductive", "abductive")
+"""Text-to-image reasoning categories mirroring T2I-CoReBench (``direct`` is not one)."""
+
+MMBENCH_CATEGORIES: tuple[str, ...] = (
+    "attribute",
+    "logical",
+    "relation",
+    "coarse",
+    "single_instance",
+    "cross_instance",
+)
+"""Understanding categories mirroring MMBench."""
+
+TASK_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "text": TEXT_CATEGORIES,
+    "t2i": ("direct", *T2I_CATEGORIES),
+    "understanding": MMBENCH_CATEGORIES,
+    "transfer": ("deductive",),
+}
+"""Valid categories of each task."""
+
+OBJECT_COLOURS: dict[str, str] = {
+    "blood": "red",
+    "cherry": "red",
+    "tomato": "red",
+    "grass": "green",
+    "leaf": "green",
+    "frog": "green",
+    "sky": "blue",
+    "sea": "blue",
+    "banana": "yellow",
+    "lemon": "yellow",
+    "snow": "white",
+    "milk": "white",
+    "carrot": "orange",
+    "pumpkin": "orange",
+    "plum": "purple",
+    "grape": "purple",
+}
+"""The world's facts: each object's colour (never the background colour)."""
+
+OBJECTS: tuple[str, ...] = tuple(OBJECT_COLOURS)
+"""Every object, in a fixed order."""
+
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+)
+"""Number words; index = value. Arithmetic operands and results stay within them."""
+
+MAX_NUMBER = len(NUMBER_WORDS) - 1
+MAX_OPERAND = 5
+"""Largest operand of an arithmetic statement (results reach ``2 * MAX_OPERAND``)."""
+DRAW_COLOURS: tuple[str, ...] = tuple(c for i, c in enumerate(PALETTE) if i != BACKGROUND)
+"""Colours a prompt may draw with (drawing the background would be invisible)."""
+
+# Words used by the templates besides colours, numbers, objects and place phrases.
+_TEMPLATE_WORDS: tuple[str, ...] = (
+    "what", "colour", "is", "the", "of", "in", "plus", "minus", "and", "or", "cell",
+    "cells", "repeated", "checkerboard", "are", "there", "which", "most", "common", "how",
+    "many", "more", "than", "left", "right", "above", "below", "yes",
+    "no", "top", "bottom", "row", "column",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_task(task: str) -> str:
+    """Return ``task`` if it is a known task, else raise ValueError listing the valid ones."""
+    if task not in TASK_CATEGORIES:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    return task
+
+
+def check_category(task: str, category: str) -> str:
+    """Return ``category`` if ``task`` has it, else raise ValueError listing the valid ones."""
+    valid = TASK_CATEGORIES[check_task(task)]
+    if category not in valid:
+        raise ValueError(
+            f"unknown category {category!r} for task {task!r}; valid categories: {', '.join(valid)}"
+        )
+    return category
+
+
+def categories(task: str) -> tuple[str, ...]:
+    """Return the categories of ``task`` (ValueError for an unknown task)."""
+    return TASK_CATEGORIES[check_task(task)]
+
+
+def check_objects(objects: Iterable[str]) -> tuple[str, ...]:
+    """Return ``objects`` as a tuple after checking each is a known object and it is non-empty."""
+    chosen = tuple(objects)
+    if not chosen:
+        raise ValueError("objects must not be empty")
+    for name in chosen:
+        if name not in OBJECT_COLOURS:
+            raise ValueError(f"unknown object {name!r}; valid objects: {', '.join(OBJECTS)}")
+    return chosen
+
+
+# ------------------------------------------------------------------------------ Example
+
+
+def _frozen_grid(cells: Any) -> Grid | None:
+    if cells is None:
+        return None
+    grid = as_grid(cells)
+    grid.setflags(write=False)
+    return grid
+
+
+def _grid_key(grid: Grid | None) -> tuple | None:
+    return None if grid is None else tuple(tuple(int(v) for v in row) for row in grid)
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    """One example of the world: a prompt (text, plus a grid for understanding) and its answer.
+
+    ``task`` / ``category`` name its generator (see :data:`TASK_CATEGORIES`). ``t2i`` and
+    ``transfer`` examples answer with ``response_image``; ``text`` and ``understanding``
+    with ``response_text``; only ``understanding`` has a ``prompt_image``. Grids are stored
+    as read-only int64 arrays; equality and hashing compare their cells, so examples can
+    be put in sets. ``meta`` holds generator details (e.g. ``{"object": "grass"}``); it
+    takes part in equality but not in the hash.
+    """
+
+    task: str
+    category: str
+    prompt_text: str
+    prompt_image: Grid | None = None
+    response_text: str | None = None
+    response_image: Grid | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_category(self.task, self.category)
+        if not isinstance(self.prompt_text, str) or not self.prompt_text.strip():
+            raise ValueError(f"empty prompt: prompt_text={self.prompt_text!r}")
+        object.__setattr__(self, "prompt_image", _frozen_grid(self.prompt_image))
+        object.__setattr__(self, "response_image", _frozen_grid(self.response_image))
+        object.__setattr__(self, "meta", dict(self.meta))
+        wants_image = self.task in ("t2i", "transfer")
+        if wants_image and (self.response_image is None or self.response_text is not None):
+            raise ValueError(f"a {self.task!r} example needs response_image and no response_text")
+        if not wants_image and (self.response_text is None or self.response_image is not None):
+            raise ValueError(f"a {self.task!r} example needs response_text and no response_image")
+        if (self.prompt_image is not None) != (self.task == "understanding"):
+            raise ValueError("prompt_image is required for 'understanding' and only there")
+
+    @property
+    def answers_with_image(self) -> bool:
+        """True when the reference answer is a grid (t2i, transfer)."""
+        return self.response_image is not None
+
+    def _key(self) -> tuple:
+        return (
+            self.task,
+            self.category,
+            self.prompt_text,
+            _grid_key(self.prompt_image),
+            self.response_text,
+            _grid_key(self.response_image),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Example):
+            return NotImplemented
+        return self._key() == other._key() and self.meta == other.meta
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict (grids as nested lists); see :meth:`from_dict`."""
+        return {
+            "task": self.task,
+            "category": self.category,
+            "prompt_text": self.prompt_text,
+            "prompt_image": None if self.prompt_image is None else self.prompt_image.tolist(),
+            "response_text": self.response_text,
+            "response_image": (
+                None if self.response_image is None else self.response_image.tolist()
+            ),
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Example:
+        """Rebuild an Example written by :meth:`to_dict`."""
+        return cls(
+            task=data["task"],
+            category=data["category"],
+            prompt_text=data["prompt_text"],
+            prompt_image=data.get("prompt_image"),
+            response_text=data.get("response_text"),
+            response_image=data.get("response_image"),
+            meta=data.get("meta", {}),
+        )
+
+
+# ------------------------------------------------------------------------------ scorers
+
+
+def score_image(pred: Grid | None, ref: Grid) -> bool:
+    """True iff ``pred`` has ``ref``'s shape and every cell equal; None is False."""
+    if pred is None:
+        return False
+    predicted = np.asarray(pred)
+    reference = np.asarray(ref)
+    return predicted.shape == reference.shape and bool(np.array_equal(predicted, reference))
+
+
+def score_text(pred: str | None, ref: str) -> bool:
+    """True iff ``pred`` equals ``ref`` after strip and lower-casing; None is False."""
+    if pred is None:
+        return False
+    return pred.strip().lower() == ref.strip().lower()
+
+
+def score_example(
+    example: Example, predicted_text: str | None = None, predicted_grid: Grid | None = None
+) -> bool:
+    """Score a prediction against ``example``'s reference: grid for t2i/transfer, else text."""
+    if example.response_image is not None:
+        return score_image(predicted_grid, example.response_image)
+    assert example.response_text is not None
+    return score_text(predicted_text, example.response_text)
+
+
+# ------------------------------------------------------------------------------- places
+
+
+@dataclass(frozen=True)
+class Place:
+    """A drawable region: a row, a column or a cell, and how prompts name it.
+
+    ``name`` is used at the start of a clause ("top row green"); ``name_after_in`` after
+    "in" ("in the top row"). ``cells`` lists (row, column) in fill order: left to right
+    for a row, top to bottom for a column.
+    """
+
+    kind: str
+    name: str
+    name_after_in: str
+    cells: tuple[tuple[int, int], ...]
+
+
+def line_places(grid_size: int) -> tuple[Place, ...]:
+    """Every row and column name of a ``grid_size`` grid, numbered and aliased."""
+    size = check_grid_size(grid_size)
+    places: list[Place] = []
+    for index in range(size):
+        word = NUMBER_WORDS[index + 1]
+        row = tuple((index, c) for c in range(size))
+        column = tuple((r, index) for r in range(size))
+        places.append(Place("row", f"row {word}", f"row {word}", row))
+        places.append(Place("column", f"column {word}", f"column {word}", column))
+    aliases = (
+        ("row", "top row", 0),
+        ("row", "bottom row", size - 1),
+        ("column", "left column", 0),
+        ("column", "right column", size - 1),
+    )
+    for kind, name, index in aliases:
+        if kind == "row":
+            cells = tuple((index, c) for c in range(size))
+        else:
+            cells = tuple((r, index) for r in range(size))
+        places.append(Place(kind, name, f"the {name}", cells))
+    return tuple(places)
+
+
+def cell_places(grid_size: int) -> tuple[Place, ...]:
+    """Every single-cell place ("cell two three" = row two, column three)."""
+    size = check_grid_size(grid_size)
+    return tuple(
+        Place("cell", name, name, ((r, c),))
+        for r in range(size)
+        for c in range(size)
+        for name in [f"cell {NUMBER_WORDS[r + 1]} {NUMBER_WORDS[c + 1]}"]
+    )
+
+
+def _colour_index(name: str) -> int:
+    return PALETTE.index(name)
+
+
+def _paint(grid_size: int, strokes: Iterable[tuple[Iterable[tuple[int, int]], str]]) -> Grid:
+    grid = make_grid(grid_size)
+    for cells, colour in strokes:
+        for r, c in cells:
+            grid[r, c] = _colour_index(colour)
+    return grid
+
+
+def _cell_word(count: int) -> str:
+    return "cell" if count == 1 else "cells"
+
+
+def _cell_name(row: int, column: int) -> str:
+    return f"cell {NUMBER_WORDS[row + 1]} {NUMBER_WORDS[column + 1]}"
+
+
+# ----------------------------------------------------------------------- text generators
+
+Generator = Callable[[random.Random, int, Sequence[str]], Example]
+
+
+def _knowledge(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    name = rng.choice(objects)
+    template = rng.choice(("what colour is {}", "the colour of {} is"))
+    return Example(
+        "text",
+        "knowledge",
+        template.format(name),
+        response_text=OBJECT_COLOURS[name],
+        meta={"object": name},
+    )
+
+
+def _arithmetic_facts() -> tuple[tuple[str, int, int, int], ...]:
+    """Every (operator, a, b, result) the world states; operands stay small so all are seen."""
+    facts = [("plus", a, b, a + b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    facts += [("minus", a, b, a - b) for a in range(MAX_OPERAND + 1) for b in range(a + 1)]
+    return tuple(facts)
+
+
+ARITHMETIC_FACTS: tuple[tuple[str, int, int, int], ...] = _arithmetic_facts()
+"""(operator, a, b, result) of every arithmetic statement: "a plus b is", "a minus b is"."""
+
+
+def _pick_fact(rng: random.Random, low: int, high: int) -> tuple[str, int, int, int]:
+    return rng.choice([fact for fact in ARITHMETIC_FACTS if low <= fact[3] <= high])
+
+
+def _arithmetic(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    operator, a, b, result = rng.choice(ARITHMETIC_FACTS)
+    return Example(
+        "text",
+        "arithmetic",
+        f"{NUMBER_WORDS[a]} {operator} {NUMBER_WORDS[b]} is",
+        response_text=NUMBER_WORDS[result],
+        meta={"operator": operator, "a": a, "b": b},
+    )
+
+
+# ------------------------------------------------------------------------ t2i generators
+
+
+def _direct(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    colour = rng.choice(DRAW_COLOURS)
+    if rng.random() < 0.5:
+        place = rng.choice(line_places(grid_size) + cell_places(grid_size))
+        prompt = f"{place.name} {colour}"
+        cells = place.cells
+    else:
+        place = rng.choice(line_places(grid_size))
+        count = rng.randint(1, grid_size)
+        prompt = f"{NUMBER_WORDS[count]} {colour} {_cell_word(count)} in {place.name_after_in}"
+        cells = place.cells[:count]
+    return Example(
+        "t2i",
+        "direct",
+        prompt,
+        response_image=_paint(grid_size, [(cells, colour)]),
+        meta={"place": place.name, "colour": colour},
+    )
+
+
+def _composition(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    places = line_places(grid_size) + cell_places(grid_size)
+    first = rng.choice(places)
+    disjoint = [p for p in places if not set(p.cells) & set(first.cells)]
+    second = rng.choice(disjoint)
+    colour_a, colour_b = rng.choice(DRAW_COLOURS), rng.choice(DRAW_COLOURS)
+    return Example(
+        "t2i",
+        "composition",
+        f"{first.name} {colour_a} and {second.name} {colour_b}",
+        response_image=_paint(grid_size, [(first.cells, colour_a), (second.cells, colour_b)]),
+        meta={"places": [first.name, second.name], "colours": [colour_a, colour_b]},
+    )
+
+
+def _deductive_drawing(
+    task: str, rng: random.Random, grid_size: int, objects: Sequence[str]
+) -> Example:
+    name = rng.choice(objects)
+    colour = OBJECT_COLOURS[name]
+    place = rng.choice(line_places(grid_size) + cell_places(grid_size))
+    return Example(
+        task,
+        "deductive",
+        f"the colour of {name} in {place.name_after_in}",
+        response_image=_paint(grid_size, [(place.cells, colour)]),
+        meta={"object": name, "colour": colour, "place": place.name},
+    )
+
+
+def _deductive(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    return _deductive_drawing("t2i", rng, grid_size, objects)
+
+
+def _transfer(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    return _deductive_drawing("transfer", rng, grid_size, objects)
+
+
+def _inductive(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    if rng.random() < 0.25:
+        first, second = rng.sample(DRAW_COLOURS, 2)
+        grid = make_grid(grid_size)
+        for r in range(grid_size):
+            for c in range(grid_size):
+                grid[r, c] = _colour_index(first if (r + c) % 2 == 0 else second)
+        return Example(
+            "t2i",
+            "inductive",
+            f"{first} {second} checkerboard",
+            response_image=grid,
+            meta={"pattern": [first, second], "place": "grid"},
+        )
+    period = rng.randint(2, min(3, grid_size))
+    pattern = rng.sample(DRAW_COLOURS, period)
+    place = rng.choice(line_places(grid_size))
+    strokes = [((cell,), pattern[i % period]) for i, cell in enumerate(place.cells)]
+    return Example(
+        "t2i",
+        "inductive",
+        f"{' '.join(pattern)} repeated in {place.name_after_in}",
+        response_image=_paint(grid_size, strokes),
+        meta={"pattern": pattern, "place": place.name},
+    )
+
+
+def _abductive(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    operator, a, b, count = _pick_fact(rng, 1, grid_size)
+    colour = rng.choice(DRAW_COLOURS)
+    place = rng.choice(line_places(grid_size))
+    return Example(
+        "t2i",
+        "abductive",
+        f"{NUMBER_WORDS[a]} {operator} {NUMBER_WORDS[b]} {colour} cells in {place.name_after_in}",
+        response_image=_paint(grid_size, [(place.cells[:count], colour)]),
+        meta={"operator": operator, "a": a, "b": b, "count": count, "place": place.name},
+    )
+
+
+# -------------------------------------------------------------- understanding generators
+
+_MAX_ATTEMPTS = 10_000
+
+
+def _random_scene(rng: random.Random, grid_size: int, fill_probability: float = 0.5) -> Grid:
+    grid = make_grid(grid_size)
+    for r in range(grid_size):
+        for c in range(grid_size):
+            if rng.random() < fill_probability:
+                grid[r, c] = rng.randint(1, len(PALETTE) - 1)
+    return grid
+
+
+def _sparse_scene(rng: random.Random, grid_size: int, low: int, high: int) -> Grid:
+    """A scene of ``low..high`` randomly coloured cells at random places."""
+    grid = make_grid(grid_size)
+    cells = [(r, c) for r in range(grid_size) for c in range(grid_size)]
+    for r, c in rng.sample(cells, min(len(cells), rng.randint(low, high))):
+        grid[r, c] = rng.randint(1, len(PALETTE) - 1)
+    return grid
+
+
+def _present_colours(grid: Grid) -> list[str]:
+    return [PALETTE[i] for i in sorted(set(grid.flatten().tolist())) if i != BACKGROUND]
+
+
+def _coloured_cells(grid: Grid) -> list[tuple[int, int]]:
+    return [(int(r), int(c)) for r, c in zip(*np.nonzero(grid != BACKGROUND), strict=True)]
+
+
+def _understanding(category: str, grid: Grid, question: str, answer: str, **meta) -> Example:
+    return Example(
+        "understanding",
+        category,
+        question,
+        prompt_image=grid,
+        response_text=answer,
+        meta=meta,
+    )
+
+
+def _attribute(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    grid = _random_scene(rng, grid_size)
+    coloured = _coloured_cells(grid)
+    # Mostly ask about a coloured cell so the answer is not dominated by "black".
+    if coloured and rng.random() < 0.75:
+        r, c = rng.choice(coloured)
+    else:
+        r, c = rng.randrange(grid_size), rng.randrange(grid_size)
+    return _understanding(
+        "attribute", grid, f"what colour is {_cell_name(r, c)}", PALETTE[grid[r, c]], cell=[r, c]
+    )
+
+
+def _scene_with(
+    rng: random.Random, grid: Grid, present: Sequence[str], absent: Sequence[str]
+) -> Grid:
+    """Edit ``grid`` so that every ``present`` colour occurs and no ``absent`` one does."""
+    grid_size = grid.shape[0]
+    absent_ids = {_colour_index(c) for c in absent}
+    allowed = [i for i in range(len(PALETTE)) if i not in absent_ids]
+    for r in range(grid_size):
+        for c in range(grid_size):
+            if grid[r, c] in absent_ids:
+                grid[r, c] = rng.choice(allowed)
+    present_ids = {_colour_index(c) for c in present}
+    for colour in present:
+        if not (grid == _colour_index(colour)).any():
+            free = [
+                (r, c)
+                for r in range(grid_size)
+                for c in range(grid_size)
+                if grid[r, c] not in present_ids
+            ]
+            r, c = rng.choice(free)
+            grid[r, c] = _colour_index(colour)
+    return grid
+
+
+def _logical(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    connective = rng.choice(("and", "or"))
+    first, second = rng.sample(DRAW_COLOURS, 2)
+    # Choosing which colours occur before drawing keeps yes and no equally likely.
+    want_yes = rng.random() < 0.5
+    if connective == "and":
+        options = [(True, True)] if want_yes else [(True, False), (False, True), (False, False)]
+    else:
+        options = [(True, True), (True, False), (False, True)] if want_yes else [(False, False)]
+    first_present, second_present = rng.choice(options)
+    chosen = ((first, first_present), (second, second_present))
+    grid = _scene_with(
+        rng,
+        _sparse_scene(rng, grid_size, 1, max(1, grid_size * grid_size // 4)),
+        present=[c for c, is_present in chosen if is_present],
+        absent=[c for c, is_present in chosen if not is_present],
+    )
+    return _understanding(
+        "logical",
+        grid,
+        f"are there {first} {connective} {second} cells",
+        "yes" if want_yes else "no",
+        connective=connective,
+        colours=[first, second],
+    )
+
+
+_DIRECTIONS: tuple[tuple[str, int, int], ...] = (
+    ("left of", 0, -1),
+    ("right of", 0, 1),
+    ("above", -1, 0),
+    ("below", 1, 0),
+)
+
+
+def _relation(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    grid = _random_scene(rng, grid_size)
+    words, dr, dc = rng.choice(_DIRECTIONS)
+    anchors = [
+        (r, c)
+        for r in range(grid_size)
+        for c in range(grid_size)
+        if 0 <= r + dr < grid_size and 0 <= c + dc < grid_size
+    ]
+    coloured_targets = [(r, c) for r, c in anchors if grid[r + dr, c + dc] != BACKGROUND]
+    if coloured_targets and rng.random() < 0.75:
+        r, c = rng.choice(coloured_targets)
+    else:
+        r, c = rng.choice(anchors)
+    return _understanding(
+        "relation",
+        grid,
+        f"what colour is {words} {_cell_name(r, c)}",
+        PALETTE[grid[r + dr, c + dc]],
+        cell=[r, c],
+        direction=words,
+    )
+
+
+def _coarse(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    cells = [(r, c) for r in range(grid_size) for c in range(grid_size)]
+    rng.shuffle(cells)
+    dominant = rng.choice(DRAW_COLOURS)
+    dominant_count = rng.randint(3, max(3, len(cells) // 3))
+    others = rng.sample([c for c in DRAW_COLOURS if c != dominant], rng.randint(0, 3))
+    strokes = [(cells[:dominant_count], dominant)]
+    used = dominant_count
+    for colour in others:
+        # A margin of two keeps "most common" unambiguous and readable at a glance.
+        count = min(rng.randint(1, dominant_count - 2), len(cells) - used)
+        strokes.append((cells[used : used + count], colour))
+        used += count
+    grid = _paint(grid_size, strokes)
+    return _understanding("coarse", grid, "which colour is most common", dominant)
+
+
+def _single_instance(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    for _ in range(_MAX_ATTEMPTS):
+        grid = _sparse_scene(rng, grid_size, 1, max(1, grid_size * grid_size // 3))
+        present = _present_colours(grid)
+        colour = (
+            rng.choice(present) if present and rng.random() < 0.75 else rng.choice(DRAW_COLOURS)
+        )
+        count = int((grid == _colour_index(colour)).sum())
+        if count <= MAX_NUMBER:
+            return _understanding(
+                "single_instance",
+                grid,
+                f"how many {colour} cells",
+                NUMBER_WORDS[count],
+                colour=colour,
+            )
+    raise RuntimeError("could not sample a counting question")  # pragma: no cover
+
+
+def _cross_instance(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    first, second = rng.sample(DRAW_COLOURS, 2)
+    most = max(1, min(4, grid_size * grid_size // 4))
+    first_count, second_count = rng.sample(range(most + 1), 2)  # distinct: no ties
+    cells = [(r, c) for r in range(grid_size) for c in range(grid_size)]
+    rng.shuffle(cells)
+    strokes = [
+        (cells[:first_count], first),
+        (cells[first_count : first_count + second_count], second),
+    ]
+    used = first_count + second_count
+    others = [c for c in DRAW_COLOURS if c not in (first, second)]
+    for cell in cells[used : used + rng.randint(0, min(3, len(cells) - used))]:
+        strokes.append(([cell], rng.choice(others)))
+    return _understanding(
+        "cross_instance",
+        _paint(grid_size, strokes),
+        f"are there more {first} than {second} cells",
+        "yes" if first_count > second_count else "no",
+        colours=[first, second],
+        counts=[first_count, second_count],
+    )
+
+
+# ---------------------------------------------------------------------------- dispatcher
+
+GENERATORS: dict[tuple[str, str], Generator] = {
+    ("text", "knowledge"): _knowledge,
+    ("text", "arithmetic"): _arithmetic,
+    ("t2i", "direct"): _direct,
+    ("t2i", "composition"): _composition,
+    ("t2i", "deductive"): _deductive,
+    ("t2i", "inductive"): _inductive,
+    ("t2i", "abductive"): _abductive,
+    ("understanding", "attribute"): _attribute,
+    ("understanding", "logical"): _logical,
+    ("understanding", "relation"): _relation,
+    ("understanding", "coarse"): _coarse,
+    ("understanding", "single_instance"): _single_instance,
+    ("understanding", "cross_instance"): _cross_instance,
+    ("transfer", "deductive"): _transfer,
+}
+"""One example generator per (task, category): ``fn(rng, grid_size, objects) -> Example``."""
+
+
+def generate(
+    task: str,
+    category: str,
+    n: int,
+    seed: int | str | random.Random,
+    grid_size: int = 4,
+    objects: Iterable[str] | None = None,
+) -> list[Example]:
+    """Return ``n`` examples of ``(task, category)``, deterministic in ``seed``.
+
+    ``seed`` may be an int or str (a fresh ``random.Random(seed)``) or a ``random.Random``
+    to draw from. ``objects`` restricts which objects knowledge / deductive / transfer
+    examples may mention (default: all). Raises ValueError for an unknown task, category
+    or object, a bad grid size or a negative ``n``.
+    """
+    check_category(task, category)
+    size = check_grid_size(grid_size)
+    chosen = OBJECTS if objects is None else check_objects(objects)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    make = GENERATORS[(task, category)]
+    return [make(rng, size, chosen) for _ in range(n)]
+
+
+def world_vocabulary(grid_size: int = 4) -> tuple[str, ...]:
+    """Every word any generator can emit for a ``grid_size`` grid, sorted."""
+    size = check_grid_size(grid_size)
+    words: set[str] = set(_TEMPLATE_WORDS) | set(PALETTE) | set(NUMBER_WORDS) | set(OBJECTS)
+    for place in line_places(size) + cell_places(size):
+        words.update(place.name_after_in.split())
+    return tuple(sorted(words))
