@@ -1,6 +1,7 @@
-"""Entry point: `python recipes/eval.py [--config FILE] [key=value ...]` = `unifyreg eval ...`.
+"""Entry point: `python recipes/eval.py [--config FILE] [key=value ...]`.
 
-The recipe itself, readable top to bottom, is unifyreg/recipes/evaluate.py.
+Same as `unifyreg eval ...`; the recipe itself, readable top to bottom, is
+unifyreg/recipes/evaluate.py.
 """
 
 import sys

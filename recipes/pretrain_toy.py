@@ -1,7 +1,7 @@
 """Entry point: `python recipes/pretrain_toy.py [--config FILE] [key=value ...]`.
 
-Same as `unifyreg pretrain-toy ...`.
-The recipe itself, readable top to bottom, is unifyreg/recipes/pretrain_toy.py.
+Same as `unifyreg pretrain-toy ...`; the recipe itself, readable top to bottom, is
+unifyreg/recipes/pretrain_toy.py.
 """
 
 import sys

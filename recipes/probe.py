@@ -1,6 +1,7 @@
-"""Entry point: `python recipes/probe.py [--config FILE] [key=value ...]` = `unifyreg probe ...`.
+"""Entry point: `python recipes/probe.py [--config FILE] [key=value ...]`.
 
-The recipe itself, readable top to bottom, is unifyreg/recipes/probe.py.
+Same as `unifyreg probe ...`; the recipe itself, readable top to bottom, is
+unifyreg/recipes/probe.py.
 """
 
 import sys

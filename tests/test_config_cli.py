@@ -130,6 +130,8 @@ def test_probe_command_writes_tables_figures_and_scores(tmp_path, capsys):
     "overrides, message",
     [
         (["model.adapter=gpt5"], "model.adapter: unknown adapter 'gpt5'"),
+        (["model.adapter=emu3"], "model.path is required for adapter 'emu3'"),
+        (["model.adapter=janus", "model.path=/tmp"], "probe_set=toy only fits the toy adapter"),
         (["model.path=/not/a/dir"], "model.path: directory '/not/a/dir' does not exist"),
         (["probe_set=/no/such.jsonl"], "probe_set: expected 'toy' or a manifest"),
         (["probe.alpha=0"], "probe.alpha must be > 0"),

@@ -152,3 +152,52 @@ def test_files_round_trip_and_tables(tiny_adapter, probe_examples, tmp_path):
 def test_empty_probe_set_raises(tiny_adapter):
     with pytest.raises(ValueError, match="empty"):
         run_probe(tiny_adapter, [], ProbeConfig())
+
+
+@pytest.mark.parametrize("family", ["emu3", "janus", "chameleon"])
+def test_probe_command_runs_on_real_adapters_through_the_cli(family, tmp_path, tiny_splits):
+    """The user's path: a local checkpoint + a JSONL manifest -> `unifyreg probe`."""
+    import importlib
+
+    from unifyreg.cli import main
+    from unifyreg.toy import save_grid_png
+
+    module = importlib.import_module(f"unifyreg.adapters.{family}")
+    checkpoint = getattr(module, f"save_tiny_{family}")(tmp_path / "ckpt")
+    t2i = tiny_splits["probe/text/composition"][0]
+    understanding = tiny_splits["probe/image/attribute"][0]
+    save_grid_png(t2i.response_image, tmp_path / "r.png")
+    save_grid_png(understanding.prompt_image, tmp_path / "p.png")
+    manifest = tmp_path / "probe.jsonl"
+    manifest.write_text(
+        json.dumps({"text": t2i.prompt_text, "response_image": "r.png", "category": "composition"})
+        + "\n"
+        + json.dumps(
+            {
+                "text": understanding.prompt_text,
+                "image": "p.png",
+                "response": understanding.response_text,
+                "category": "attribute",
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "out"
+    args = [
+        f"model.adapter={family}",
+        f"model.path={checkpoint}",
+        f"probe_set={manifest}",
+        f"output_dir={out}",
+        "figures=false",
+    ]
+    assert main(["probe", *args]) == 0
+    result = ProbeResult.load(out / "result.json")
+    counts = {q: len(r) for q, r in result.records.items()}
+    assert counts == {
+        "encoding/text": 1,
+        "encoding/image": 1,
+        "response/text": 1,
+        "response/image": 1,
+    }
+    assert set(result.scores()) == {"encoding_gap", "response_split", "final_gap"}
+    assert all(np.isfinite(r.values).all() for r in result.records.values())

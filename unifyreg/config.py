@@ -167,10 +167,12 @@ class PretrainToyConfig:
             )
 
     def cache_key(self) -> str:
-        """Hash of everything that changes the trained weights."""
+        """Hash of everything that changes the trained weights, including a fingerprint
+        of the world's content (so a changed generator or vocabulary retrains)."""
         return config_hash(
             {
                 "world": dataclasses.asdict(self.world),
+                "world_content": world_fingerprint(self.world),
                 "model": dataclasses.asdict(self.model),
                 "optim": dataclasses.asdict(self.optim),
                 "max_steps": self.max_steps,
@@ -346,6 +348,16 @@ class FinetuneConfig:
             raise ConfigError(f"loggers: unknown logger(s) {unknown}; valid: csv, tensorboard")
         if self.devices < 1:
             raise ConfigError(f"devices must be >= 1, got {self.devices}")
+
+
+def world_fingerprint(world: WorldConfig) -> str:
+    """Hash of the world's vocabulary and the first examples of every split."""
+    from unifyreg.toy.splits import build_splits
+    from unifyreg.toy.tokenizer import WordTokenizer
+
+    splits = build_splits(world)
+    sample = {name: [e.to_dict() for e in split[:20]] for name, split in splits.items()}
+    return config_hash({"words": list(WordTokenizer.for_world(world).words), "sample": sample})
 
 
 def config_hash(data: Any) -> str:

@@ -75,6 +75,10 @@ class UMMModule(L.LightningModule):
         self.loss_terms = list(loss_terms)
         self.hidden_states_for_terms = hidden_states_for_terms
 
+    def on_fit_start(self) -> None:
+        # from_pretrained leaves models in eval mode; training needs dropout & co. on.
+        self.model.train()
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         want_hidden = self.hidden_states_for_terms and bool(self.loss_terms)
         out = self.adapter.forward(batch, output_hidden_states=want_hidden)

@@ -8,12 +8,18 @@ from unifyreg.adapters.base import (
     get_adapter_class,
     register_adapter,
 )
+from unifyreg.adapters.chameleon import ChameleonAdapter
+from unifyreg.adapters.emu3 import Emu3Adapter
+from unifyreg.adapters.janus import JanusAdapter
 from unifyreg.adapters.toy import ToyAdapter, ToyModelConfig
 
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "ChameleonAdapter",
+    "Emu3Adapter",
     "ForwardOutput",
+    "JanusAdapter",
     "ToyAdapter",
     "ToyModelConfig",
     "available_adapters",

@@ -15,7 +15,8 @@ Steps, in order:
 7. save the LoRA adapter (``run_dir/lora``) and, for the toy, a merged model
    (``run_dir/merged``, loadable by ``unifyreg eval model_path=...``).
 
-Run directory layout: ``config.yaml``, ``checkpoints/``, ``logs/`` (CSV),
+Run directory layout: ``config.yaml``, ``checkpoints/``, ``logs/version_N/metrics.csv``
+(one version per start or resume),
 ``tensorboard/``, ``probe/`` (``probe_history.jsonl``, per-epoch results, figures),
 ``lora/``, ``merged/``.
 """
@@ -84,7 +85,9 @@ def build_trainer_parts(cfg: FinetuneConfig, loss_terms=(), hidden_states_for_te
     )
     loggers = []
     if "csv" in cfg.loggers:
-        loggers.append(CSVLogger(run_dir, name="logs", version=0))
+        # A new version per (re)start: Lightning's CSV writer deletes an existing
+        # metrics.csv of the same version, which would lose a resumed run's history.
+        loggers.append(CSVLogger(run_dir, name="logs"))
     if "tensorboard" in cfg.loggers:
         loggers.append(
             TensorBoardLogger(run_dir, name="tensorboard", version=0, default_hp_metric=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -38,12 +39,38 @@ def progress_bar() -> TQDMProgressBar:
     return TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 200)
 
 
+@contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock file, so concurrent builders (DDP ranks, parallel runs) wait for
+    one build instead of racing on the same partial directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): no cross-process lock
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_toy_base(cfg: PretrainToyConfig, log=print) -> Path:
     """Train (or reuse) the toy base for ``cfg``; returns its cache directory."""
     final = cfg.cache_path()
     if (final / "unifyreg_toy.json").is_file() and not cfg.force:
         log(f"reusing cached toy base {final}")
         return final
+    with _build_lock(final.with_name(final.name + ".lock")):
+        if (final / "unifyreg_toy.json").is_file() and not cfg.force:
+            log(f"reusing toy base {final}, built meanwhile by another process")
+            return final
+        return _train_toy_base(cfg, final, log)
+
+
+def _train_toy_base(cfg: PretrainToyConfig, final: Path, log) -> Path:
     partial = final.with_name(final.name + ".partial")
     if cfg.force and partial.exists():
         shutil.rmtree(partial)

@@ -1,0 +1,212 @@
+"""Tests of EntropyProbe and the finetune recipe: per-epoch logs, files, resume, DDP."""
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from unifyreg.adapters.toy import ToyAdapter
+from unifyreg.callbacks import EntropyProbe
+from unifyreg.cli import main
+from unifyreg.config import ProbeConfig
+
+
+def _csv_probe_epochs(run_dir):
+    epochs = []
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("unify/encoding_gap"):
+                assert row["unify/response_split"] and row["unify/final_gap"]
+                epochs.append(int(float(row["probe/epoch"])))
+    return epochs
+
+
+def _history_epochs(run_dir):
+    lines = (run_dir / "probe" / "probe_history.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines]
+
+
+FAST = ["probe.layers=[0,1,2]", "batch_size=16", "accelerator=cpu"]
+
+
+def test_finetune_logs_unification_metrics_every_epoch(tmp_path, tiny_base_overrides, capsys):
+    run_dir = tmp_path / "run"
+    assert (
+        main(["finetune", *tiny_base_overrides, *FAST, "max_epochs=3", f"run_dir={run_dir}"]) == 0
+    )
+    assert _csv_probe_epochs(run_dir) == [0, 1, 2, 3]
+    assert _history_epochs(run_dir) == [0, 1, 2, 3]
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "version_0"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for name in (
+        "unify/encoding_gap",
+        "unify/response_split",
+        "unify/final_gap",
+        "probe/encoding/text/layer_00",
+        "probe_norm/response/image/layer_02",
+        "loss/task",
+    ):
+        assert name in scalars, name
+    assert [e.step for e in events.Scalars("unify/encoding_gap")] == [0, 6, 12, 18]
+    assert "figures/encoding_text_by_epoch" in events.Tags()["images"]
+
+    probe_dir = run_dir / "probe"
+    for name in (
+        "encoding_text_by_epoch.png",
+        "response_image_by_epoch.png",
+        "result_epoch_003.json",
+    ):
+        assert (probe_dir / name).is_file(), name
+    assert (run_dir / "lora" / "adapter_model.safetensors").is_file()
+    merged = ToyAdapter.load(run_dir / "merged")
+    assert merged.generate_images([]) == []
+    assert "epoch 3:" in capsys.readouterr().out
+
+
+def test_resume_last_continues_the_probe_history(tmp_path, tiny_base_overrides):
+    run_dir = tmp_path / "run"
+    args = ["finetune", *tiny_base_overrides, *FAST, f"run_dir={run_dir}"]
+    assert main([*args, "max_epochs=2"]) == 0
+    assert main([*args, "max_epochs=3", "resume=last"]) == 0
+    assert _history_epochs(run_dir) == [0, 1, 2, 3]
+    # Nothing logged before the resume is lost, nothing is logged twice.
+    assert sorted(_csv_probe_epochs(run_dir)) == [0, 1, 2, 3]
+
+
+def test_resume_from_a_missing_checkpoint_is_a_config_error(tmp_path, capsys):
+    assert main(["finetune", f"resume={tmp_path / 'nope.ckpt'}"]) == 2
+    assert "resume: checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every_n_epochs": 0}, "every_n_epochs must be >= 1"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs must be an integer"),
+        ({"probe": {"alpha": 1.01}}, "probe must be a ProbeConfig"),
+    ],
+)
+def test_entropy_probe_validates_its_arguments(kwargs, message, tiny_splits):
+    with pytest.raises((ValueError, TypeError), match=message):
+        EntropyProbe(tiny_splits["probe/text/composition"], **kwargs)
+    with pytest.raises(ValueError, match="non-empty probe set"):
+        EntropyProbe([])
+
+
+class _PlainModule(L.LightningModule):
+    """A user's own module that knows nothing of unifyreg."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter_model = adapter.model
+        self._adapter = adapter
+
+    def training_step(self, batch, batch_idx):
+        return self._adapter.forward(batch, output_hidden_states=False).task_loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_plain_lightning_use_and_state_dict_round_trip(tiny_adapter, tiny_splits, tmp_path):
+    from unifyreg.module import example_loader
+
+    examples = [e for k, v in tiny_splits.items() if k.startswith("probe/") for e in v]
+    probe = EntropyProbe(
+        examples,
+        ProbeConfig(layers=[0, -1]),
+        adapter=tiny_adapter,
+        output_dir=tmp_path,
+        figures=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[probe],
+        enable_progress_bar=False,
+        accelerator="cpu",
+        enable_model_summary=False,
+    )
+    loader = example_loader(tiny_adapter, tiny_splits["finetune"][:32], batch_size=16, shuffle=True)
+    trainer.fit(_PlainModule(tiny_adapter), loader)
+    assert [e["epoch"] for e in probe.history] == [0, 1, 2]
+    assert set(probe.history[-1]["metrics"]) >= {
+        "unify/encoding_gap",
+        "probe/encoding/text/layer_02",
+    }
+
+    restored = EntropyProbe(examples, adapter=tiny_adapter)
+    restored.load_state_dict(probe.state_dict())
+    assert restored.history == probe.history
+
+
+def _probe_manifest(directory, examples):
+    """A JSONL probe set of the given toy examples, images saved as PNG grids."""
+    from unifyreg.toy import save_grid_png
+
+    lines = []
+    for index, e in enumerate(examples):
+        row = {"text": e.prompt_text, "category": e.category}
+        if e.prompt_image is not None:
+            save_grid_png(e.prompt_image, directory / f"prompt_{index}.png")
+            row["image"] = f"prompt_{index}.png"
+        if e.response_image is not None:
+            save_grid_png(e.response_image, directory / f"response_{index}.png")
+            row["response_image"] = f"response_{index}.png"
+        else:
+            row["response"] = e.response_text
+        lines.append(json.dumps(row))
+    path = directory / "probe.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_ddp_probe_equals_single_process(tmp_path, tiny_base_overrides, tiny_splits):
+    """Two CPU ranks (gloo, `strategy=ddp`, relaunched as real processes) shard a probe set
+    of 7 examples unevenly (4 and 3); the gathered values equal a single process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = [*tiny_splits["probe/text/deductive"][:3], *tiny_splits["probe/image/relation"][:4]]
+    manifest = _probe_manifest(tmp_path, examples)
+    unifyreg = str(Path(sys.executable).parent / "unifyreg")
+    common = [
+        unifyreg,
+        "finetune",
+        *tiny_base_overrides,
+        f"probe_set={manifest}",
+        "probe.layers=[0,2]",
+        "probe.batch_size=2",
+        "batch_size=16",
+        "accelerator=cpu",
+        "max_epochs=1",
+        "loggers=[csv]",
+    ]
+    for name, extra in (("single", []), ("ddp", ["devices=2", "strategy=ddp"])):
+        done = subprocess.run(
+            [*common, f"run_dir={tmp_path / name}", *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = (
+        [
+            json.loads(x)
+            for x in (tmp_path / name / "probe/probe_history.jsonl").read_text().splitlines()
+        ]
+        for name in ("single", "ddp")
+    )
+    assert [e["epoch"] for e in single] == [e["epoch"] for e in ddp] == [0, 1]
+    # Epoch 0 probes the same base weights in both runs: equal up to summation order.
+    assert single[0]["metrics"].keys() == ddp[0]["metrics"].keys()
+    assert "unify/encoding_gap" in single[0]["metrics"]
+    for key, value in single[0]["metrics"].items():
+        assert ddp[0]["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
