@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from unifyreg.config import (
+    AblateConfig,
     ConfigError,
     EvalConfig,
     FinetuneConfig,
@@ -48,12 +49,19 @@ def _finetune(cfg: Any) -> int:
     return run(cfg)
 
 
+def _ablate(cfg: Any) -> int:
+    from unifyreg.recipes.ablate import run
+
+    return run(cfg)
+
+
 #: command -> (config schema, runner, one-line help)
 COMMANDS: dict[str, tuple[type, Callable[[Any], int], str]] = {
     "pretrain-toy": (PretrainToyConfig, _pretrain_toy, "train (or reuse) the cached toy base"),
     "eval": (EvalConfig, _evaluate, "exact-match accuracy of a toy model per task/category"),
     "probe": (ProbeRunConfig, _probe, "run the two-level entropy probe; write tables, figures"),
     "finetune": (FinetuneConfig, _finetune, "fine-tune (LoRA) with per-epoch entropy probes"),
+    "ablate": (AblateConfig, _ablate, "ablate the regularizer: arms x seeds, report + figures"),
 }
 
 

@@ -24,14 +24,18 @@ from unifyreg.adapters.toy import ToyModelConfig
 from unifyreg.toy.splits import WorldConfig
 
 __all__ = [
+    "AblateConfig",
+    "ArmConfig",
     "ConfigError",
     "EvalConfig",
     "FinetuneConfig",
     "LoraSettings",
+    "LossConfig",
     "ModelSource",
     "OptimConfig",
     "ProbeConfig",
     "ProbeRunConfig",
+    "SweepConfig",
     "PretrainToyConfig",
     "config_hash",
     "load_config",
@@ -298,6 +302,50 @@ class LoraSettings:
 
 
 @dataclass
+class LossConfig:
+    """The contextual-prediction regularizer: ``L = L_task + w_ctx L_ctx + w_div L_div``.
+
+    - ``w_ctx``, ``w_div``: weights (>= 0; 0 switches a term off);
+    - ``mask_ratio``: share of image-response inputs replaced by the mask embedding in
+      ``L_ctx``, in [0, 1);
+    - ``div_alpha``: Renyi order of ``L_div`` (2 = Frobenius, no eigendecomposition);
+    - ``div_layers``: layers ``L_div`` compares (empty = all; 0 = input embeddings);
+    - ``div_parts``: which trajectories ``L_div`` aligns: ``encoding`` (text vs image
+      prompt entropy), ``response`` (text vs image response proxy);
+    - ``warmup_steps``: weights ramp linearly from 0 over this many steps.
+    """
+
+    w_ctx: float = 0.0
+    w_div: float = 0.0
+    mask_ratio: float = 0.5
+    div_alpha: float = 2.0
+    div_layers: list[int] = field(default_factory=list)
+    div_parts: list[str] = field(default_factory=lambda: ["encoding", "response"])
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("w_ctx", "w_div"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.mask_ratio < 1:
+            raise ConfigError(f"loss.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not self.div_alpha > 0:
+            raise ConfigError(f"loss.div_alpha must be > 0, got {self.div_alpha}")
+        unknown = sorted(set(self.div_parts) - {"encoding", "response"})
+        if unknown or not self.div_parts:
+            raise ConfigError(
+                f"loss.div_parts must be a non-empty subset of [encoding, response], "
+                f"got {list(self.div_parts)}"
+            )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"loss.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    @property
+    def active(self) -> bool:
+        return self.w_ctx > 0 or self.w_div > 0
+
+
+@dataclass
 class FinetuneConfig:
     """``unifyreg finetune``: fine-tune an adapter (LoRA by default) with per-epoch probes.
 
@@ -311,6 +359,7 @@ class FinetuneConfig:
     pretrain: PretrainToyConfig = field(default_factory=PretrainToyConfig)
     data: str = "toy"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
     max_epochs: int = 3
     max_steps: int = -1
@@ -358,6 +407,84 @@ def world_fingerprint(world: WorldConfig) -> str:
     splits = build_splits(world)
     sample = {name: [e.to_dict() for e in split[:20]] for name, split in splits.items()}
     return config_hash({"words": list(WordTokenizer.for_world(world).words), "sample": sample})
+
+
+@dataclass
+class ArmConfig:
+    """One arm of an ablation: a name and the two regularizer weights."""
+
+    name: str = "baseline"
+    w_ctx: float = 0.0
+    w_div: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"arms: an arm name must be non-empty without '/', got {self.name!r}")
+        if self.w_ctx < 0 or self.w_div < 0:
+            raise ConfigError(f"arms.{self.name}: weights must be >= 0")
+
+
+def _default_arms() -> list[ArmConfig]:
+    return [
+        ArmConfig("baseline", 0.0, 0.0),
+        ArmConfig("ctx", 1.0, 0.0),
+        ArmConfig("div", 0.0, 1.0),
+        ArmConfig("ctx+div", 1.0, 1.0),
+    ]
+
+
+@dataclass
+class SweepConfig:
+    """Extra arms sweeping one weight: ``weight`` is ``w_ctx`` or ``w_div`` ("" = none);
+    each value v adds an arm named ``<weight>=<v>`` with the other weight 0."""
+
+    weight: str = ""
+    values: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.weight not in ("", "w_ctx", "w_div"):
+            raise ConfigError(f"sweep.weight must be '', 'w_ctx' or 'w_div', got {self.weight!r}")
+        if self.weight and not self.values:
+            raise ConfigError("sweep.values must list at least one weight")
+        if any(v < 0 for v in self.values):
+            raise ConfigError("sweep.values must be >= 0")
+
+    def arms(self) -> list[ArmConfig]:
+        if not self.weight:
+            return []
+        return [ArmConfig(f"{self.weight}={v:g}", **{self.weight: float(v)}) for v in self.values]
+
+
+@dataclass
+class AblateConfig:
+    """``unifyreg ablate``: every arm x seed fine-tuned from the same base, same data and
+    steps (``finetune.*``), probed every epoch and at the end, scored exactly on the toy.
+
+    Each run lives in ``output_dir/runs/<arm>/seed_<s>``; a finished run (``done.json``)
+    is skipped on a re-run, an interrupted one resumes from its ``last.ckpt``.
+    """
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    arms: list[ArmConfig] = field(default_factory=_default_arms)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    output_dir: str = "runs/ablate/toy"
+    eval_splits: list[str] = field(default_factory=lambda: ["eval", "heldout"])
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")
+        names = [arm.name for arm in self.all_arms()]
+        if not names:
+            raise ConfigError("arms: at least one arm is needed")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"arms: duplicate arm name(s) {duplicates}")
+
+    def all_arms(self) -> list[ArmConfig]:
+        """The configured arms followed by the sweep's."""
+        return [*self.arms, *self.sweep.arms()]
 
 
 def config_hash(data: Any) -> str:

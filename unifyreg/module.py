@@ -73,6 +73,11 @@ class UMMModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.total_steps = int(total_steps)
         self.loss_terms = list(loss_terms)
+        # Terms that are modules (e.g. the learned mask embedding of the regularizer) are
+        # registered so their parameters are optimised, moved and checkpointed.
+        self.loss_modules = torch.nn.ModuleList(
+            t for t in self.loss_terms if isinstance(t, torch.nn.Module)
+        )
         self.hidden_states_for_terms = hidden_states_for_terms
 
     def on_fit_start(self) -> None:
@@ -103,7 +108,7 @@ class UMMModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         decay = [p for p in params if p.dim() >= 2]

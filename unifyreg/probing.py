@@ -43,10 +43,12 @@ from unifyreg.fileio import atomic_write_json, atomic_write_text
 from unifyreg.roles import Role, role_counts, role_segments
 
 __all__ = [
+    "BatchQuantity",
     "QUANTITIES",
     "SCORE_NAMES",
     "ProbeResult",
     "QuantityRecords",
+    "batch_quantities",
     "probe_batch",
     "run_probe",
 ]
@@ -294,45 +296,6 @@ def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _entropies(Z, mask, cfg: ProbeConfig) -> torch.Tensor:
-    """Raw entropies ``[n_layers, b]`` of padded segments, ``layers_per_chunk`` at a time."""
-    out = []
-    for start in range(0, Z.shape[0], cfg.layers_per_chunk):
-        chunk = Z[start : start + cfg.layers_per_chunk]
-        out.append(
-            matrix_entropy(
-                chunk,
-                alpha=cfg.alpha,
-                sigma=cfg.sigma,
-                base=cfg.base,
-                mask=mask.expand(chunk.shape[0], *mask.shape),
-                dtype=cfg.torch_dtype,
-                nan_policy="propagate",
-            )
-        )
-    return torch.cat(out)
-
-
-def _proxies(Zp, mask_p, Zr, mask_r, cfg: ProbeConfig) -> torch.Tensor:
-    out = []
-    for start in range(0, Zp.shape[0], cfg.layers_per_chunk):
-        p, r = Zp[start : start + cfg.layers_per_chunk], Zr[start : start + cfg.layers_per_chunk]
-        out.append(
-            conditional_entropy_proxy(
-                p,
-                r,
-                alpha=cfg.alpha,
-                sigma=cfg.sigma,
-                base=cfg.base,
-                mask_p=mask_p.expand(p.shape[0], *mask_p.shape),
-                mask_r=mask_r.expand(r.shape[0], *mask_r.shape),
-                dtype=cfg.torch_dtype,
-                nan_policy="propagate",
-            )
-        )
-    return torch.cat(out)
-
-
 def _warn_non_finite(quantity: str, values: torch.Tensor, layers: Sequence[int]) -> None:
     bad = ~torch.isfinite(values)
     if bool(bad.any()):
@@ -345,6 +308,105 @@ def _warn_non_finite(quantity: str, values: torch.Tensor, layers: Sequence[int])
         )
 
 
+@dataclass
+class BatchQuantity:
+    """One quantity on one batch: ``values`` ``[n_layers, b]`` (raw), ``normalized``,
+    ``counts`` ``[b]`` (tokens the normaliser uses) and ``select`` ``[B]`` (which samples)."""
+
+    values: torch.Tensor
+    normalized: torch.Tensor
+    counts: torch.Tensor
+    select: torch.Tensor
+
+
+def batch_quantities(
+    hidden_states: torch.Tensor,
+    roles: torch.Tensor,
+    alpha: float = 1.01,
+    sigma: float | str = "median",
+    base: float = 2.0,
+    dtype: torch.dtype = torch.float64,
+    layers_per_chunk: int = 8,
+    quantities: Sequence[str] = QUANTITIES,
+) -> dict[str, BatchQuantity]:
+    """The probe's quantities on one batch, differentiable in ``hidden_states``.
+
+    ``hidden_states`` ``[n_layers, B, S, d]``, ``roles`` ``[B, S]``. Returns only the
+    quantities that have at least one sample in the batch (see the module docstring for
+    which samples each takes). Non-finite inputs give NaN for exactly the affected
+    samples. Used by the probe (without gradient) and by the divergence loss (with).
+    """
+    out: dict[str, BatchQuantity] = {}
+    n_layers = hidden_states.shape[0]
+    image_prompt_counts = role_counts(roles, Role.IMAGE_PROMPT)
+    prompt_counts = role_counts(roles, PROMPT_ROLES)
+
+    def entropy(Z, mask):
+        return matrix_entropy(
+            Z,
+            alpha=alpha,
+            sigma=sigma,
+            base=base,
+            mask=mask.expand(Z.shape[0], *mask.shape),
+            dtype=dtype,
+            nan_policy="propagate",
+        )
+
+    def proxy(Zp, Zr, mask_p, mask_r):
+        return conditional_entropy_proxy(
+            Zp,
+            Zr,
+            alpha=alpha,
+            sigma=sigma,
+            base=base,
+            mask_p=mask_p.expand(Zp.shape[0], *mask_p.shape),
+            mask_r=mask_r.expand(Zr.shape[0], *mask_r.shape),
+            dtype=dtype,
+            nan_policy="propagate",
+        )
+
+    def record(name, select, values, counts):
+        normalized = normalize_by_count(values, counts.to(values.dtype)[None, :], base)
+        out[name] = BatchQuantity(values, normalized, counts, select)
+
+    for name, role, select in (
+        ("encoding/text", Role.TEXT_PROMPT, image_prompt_counts == 0),
+        ("encoding/image", Role.IMAGE_PROMPT, image_prompt_counts > 0),
+    ):
+        counts = role_counts(roles, role)
+        select = select & (counts > 0)
+        if name in quantities and bool(select.any()):
+            Z, mask = role_segments(hidden_states[:, select], roles[select], role)
+            values = torch.cat(
+                [
+                    entropy(Z[i : i + layers_per_chunk], mask)
+                    for i in range(0, n_layers, layers_per_chunk)
+                ]
+            )
+            record(name, select, values, counts[select])
+
+    for name, role in (
+        ("response/text", Role.TEXT_RESPONSE),
+        ("response/image", Role.IMAGE_RESPONSE),
+    ):
+        counts = role_counts(roles, role)
+        select = (counts > 0) & (prompt_counts > 0)
+        if name in quantities and bool(select.any()):
+            H, R = hidden_states[:, select], roles[select]
+            Zp, mask_p = role_segments(H, R, PROMPT_ROLES)
+            Zr, mask_r = role_segments(H, R, role)
+            values = torch.cat(
+                [
+                    proxy(
+                        Zp[i : i + layers_per_chunk], Zr[i : i + layers_per_chunk], mask_p, mask_r
+                    )
+                    for i in range(0, n_layers, layers_per_chunk)
+                ]
+            )
+            record(name, select, values, counts[select] + prompt_counts[select])
+    return out
+
+
 def probe_batch(
     hidden_states: torch.Tensor,
     roles: torch.Tensor,
@@ -352,46 +414,22 @@ def probe_batch(
     layers: Sequence[int],
     cfg: ProbeConfig,
 ) -> dict[str, QuantityRecords]:
-    """The four quantities for one batch of hidden states ``[n_layers, B, S, d]``."""
-    base = cfg.base
+    """The four quantities for one batch of hidden states ``[n_layers, B, S, d]``, as
+    per-sample records (warning, with layer and quantity, about non-finite values)."""
     n_layers = hidden_states.shape[0]
     records = {q: QuantityRecords.empty(n_layers) for q in QUANTITIES}
-    image_prompt_counts = role_counts(roles, Role.IMAGE_PROMPT)
-    prompt_counts = role_counts(roles, PROMPT_ROLES)
-
-    def add(quantity: str, select: torch.Tensor, values: torch.Tensor, counts: torch.Tensor):
-        _warn_non_finite(quantity, values, layers)
-        normalized = normalize_by_count(values, counts.to(values.dtype)[None, :], base)
-        idx = torch.nonzero(select).flatten().tolist()
-        records[quantity] = QuantityRecords(
-            values.T.cpu().numpy().astype(float),
-            normalized.T.cpu().numpy().astype(float),
+    computed = batch_quantities(
+        hidden_states, roles, cfg.alpha, cfg.sigma, cfg.base, cfg.torch_dtype, cfg.layers_per_chunk
+    )
+    for name, q in computed.items():
+        _warn_non_finite(name, q.values, layers)
+        idx = torch.nonzero(q.select).flatten().tolist()
+        records[name] = QuantityRecords(
+            q.values.T.detach().cpu().numpy().astype(float),
+            q.normalized.T.detach().cpu().numpy().astype(float),
             [categories[i] for i in idx],
-            counts.cpu().numpy().astype(np.int64),
+            q.counts.cpu().numpy().astype(np.int64),
         )
-
-    for quantity, role, select in (
-        ("encoding/text", Role.TEXT_PROMPT, image_prompt_counts == 0),
-        ("encoding/image", Role.IMAGE_PROMPT, image_prompt_counts > 0),
-    ):
-        counts = role_counts(roles, role)
-        select = select & (counts > 0)
-        if bool(select.any()):
-            Z, mask = role_segments(hidden_states[:, select], roles[select], role)
-            add(quantity, select, _entropies(Z, mask, cfg), counts[select])
-
-    for quantity, role in (
-        ("response/text", Role.TEXT_RESPONSE),
-        ("response/image", Role.IMAGE_RESPONSE),
-    ):
-        counts = role_counts(roles, role)
-        select = (counts > 0) & (prompt_counts > 0)
-        if bool(select.any()):
-            H, R = hidden_states[:, select], roles[select]
-            Zp, mask_p = role_segments(H, R, PROMPT_ROLES)
-            Zr, mask_r = role_segments(H, R, role)
-            joint_counts = counts[select] + prompt_counts[select]
-            add(quantity, select, _proxies(Zp, mask_p, Zr, mask_r, cfg), joint_counts)
     return records
 
 

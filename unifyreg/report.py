@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 if TYPE_CHECKING:
     from unifyreg.probing import ProbeResult
 
-__all__ = ["plot_probe_history", "plot_probe_result", "save_figure"]
+__all__ = ["plot_ablation", "plot_probe_history", "plot_probe_result", "save_figure"]
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -114,4 +114,42 @@ def plot_probe_history(history: list[dict[str, Any]], directory: str | Path) -> 
         ax.legend(fontsize=7)
         name = quantity.replace("/", "_") + "_by_epoch"
         paths[name] = save_figure(fig, directory / f"{name}.png")
+    return paths
+
+
+def plot_ablation(by_arm: dict[str, Any], directory: str | Path) -> dict[str, Path]:
+    """Ablation figures: ``trajectories.png`` (final normalised trajectories of the four
+    probe quantities, one curve per arm, mean over seeds) and ``scores.png`` (scalar scores
+    and accuracies per arm, mean ± std over seeds)."""
+    directory = Path(directory)
+    paths: dict[str, Path] = {}
+    quantities = ("encoding/text", "encoding/image", "response/text", "response/image")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=False)
+    for ax, quantity in zip(axes, quantities, strict=True):
+        for arm, entry in by_arm.items():
+            curve = entry["trajectories"].get(quantity)
+            if curve is not None:
+                ax.plot(entry["layers"], curve, marker="o", markersize=3, label=arm)
+        ax.set_title(quantity)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("normalised value")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("Final probe per arm (mean over seeds)")
+    paths["trajectories"] = save_figure(fig, directory / "trajectories.png")
+
+    metrics = sorted({m for entry in by_arm.values() for m in entry["metrics"]})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.4 * len(metrics), 3.6))
+    axes = [axes] if len(metrics) == 1 else list(axes)
+    arms = list(by_arm)
+    for ax, metric in zip(axes, metrics, strict=True):
+        means = [by_arm[a]["metrics"].get(metric, {}).get("mean", float("nan")) for a in arms]
+        stds = [by_arm[a]["metrics"].get(metric, {}).get("std", 0.0) for a in arms]
+        ax.bar(range(len(arms)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=7)
+        ax.set_title(metric.split("/")[1], fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    paths["scores"] = save_figure(fig, directory / "scores.png")
     return paths

@@ -21,9 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+#: ``hook(input_embeddings [B, S, d], batch) -> input_embeddings``.
+EmbeddingHook = Callable[[Tensor, dict], Tensor]
+
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "EmbeddingHook",
     "ForwardOutput",
     "available_adapters",
     "get_adapter_class",
@@ -86,14 +90,24 @@ class Adapter(abc.ABC):
         """Examples -> a padded batch (tensors only, including ``roles`` ``[B, S]``)."""
 
     @abc.abstractmethod
+    def input_embeddings(self, batch: dict[str, Tensor]) -> Tensor:
+        """``[B, S, d]`` inputs of the language model (hidden state 0) for an encoded batch."""
+
+    @abc.abstractmethod
     def forward(
         self,
         batch: dict[str, Tensor],
         output_hidden_states: bool = True,
         layers: Sequence[int] | None = None,
         keep_logits: bool = False,
+        embedding_hook: EmbeddingHook | None = None,
     ) -> ForwardOutput:
-        """Run the model on an encoded batch (teacher-forced) -> :class:`ForwardOutput`."""
+        """Run the model on an encoded batch (teacher-forced) -> :class:`ForwardOutput`.
+
+        ``embedding_hook(embeds, batch) -> embeds`` may replace the language model's input
+        embeddings ``[B, S, d]`` before the layers run (the contextual-prediction loss
+        swaps masked image positions for a learned mask embedding this way).
+        """
 
     @abc.abstractmethod
     def generate_text(self, examples: Sequence[Any], max_new_tokens: int = 8) -> list[str]:
@@ -113,6 +127,11 @@ class Adapter(abc.ABC):
         """Load from a local directory (never from a hub)."""
 
     # ------------------------------------------------------------------ shared helpers
+
+    @property
+    def hidden_size(self) -> int:
+        """Width d of the language model's hidden states (of its input embeddings)."""
+        return int(self.model.get_input_embeddings().embedding_dim)
 
     @property
     def device(self) -> torch.device:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from unifyreg.adapters.base import Adapter, ForwardOutput
+from unifyreg.adapters.base import Adapter, EmbeddingHook, ForwardOutput
 from unifyreg.adapters.toy import TARGET_IMAGE, TARGET_NONE, TARGET_TEXT
 from unifyreg.roles import Role
 
@@ -543,13 +543,17 @@ class TransformersAdapter(Adapter):
         output_hidden_states: bool = True,
         layers: Sequence[int] | None = None,
         keep_logits: bool = False,
+        embedding_hook: EmbeddingHook | None = None,
     ) -> ForwardOutput:
-        """Teacher-forced forward pass; see :class:`ForwardOutput` for the contract."""
+        """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract."""
         device = self.device
         chosen = self.resolve_layers(layers)
         attention_mask = batch["attention_mask"].to(device)
+        embeds = self.input_embeddings(batch)
+        if embedding_hook is not None:
+            embeds = embedding_hook(embeds, batch)
         out = self.language_model(
-            inputs_embeds=self.input_embeddings(batch),
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states,
             use_cache=False,

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unifyreg.adapters.base import Adapter, ForwardOutput, register_adapter
+from unifyreg.adapters.base import Adapter, EmbeddingHook, ForwardOutput, register_adapter
 from unifyreg.roles import Role
 from unifyreg.toy.tokenizer import WordTokenizer
 from unifyreg.toy.world import Grid, parse_image
@@ -236,19 +236,27 @@ class ToyAdapter(Adapter):
 
     # ------------------------------------------------------------------ forward
 
+    def input_embeddings(self, batch: dict[str, Tensor]) -> Tensor:
+        """``[B, S, d]`` token embeddings of the batch (hidden state 0)."""
+        return self.model.get_input_embeddings()(batch["input_ids"].to(self.device))
+
     def forward(
         self,
         batch: dict[str, Tensor],
         output_hidden_states: bool = True,
         layers: Sequence[int] | None = None,
         keep_logits: bool = False,
+        embedding_hook: EmbeddingHook | None = None,
     ) -> ForwardOutput:
-        """Teacher-forced forward pass; see :class:`ForwardOutput` for the contract."""
+        """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract."""
         device = self.device
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
+        embeds = self.input_embeddings(batch)
+        if embedding_hook is not None:
+            embeds = embedding_hook(embeds, batch)
         out = self.model(
-            input_ids=input_ids,
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states,
             use_cache=False,

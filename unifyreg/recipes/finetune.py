@@ -7,7 +7,8 @@ Steps, in order:
 2. training examples (``data``: the toy world's ``finetune`` split or a JSONL manifest)
    and the fixed probe set (``probe_set``);
 3. LoRA through peft (``lora.enabled``), targets from the adapter's defaults;
-4. ``UMMModule`` (task loss; extra terms plug in there), AdamW + warm-up/cosine;
+4. ``UMMModule``: task loss plus, when ``loss.w_ctx`` or ``loss.w_div`` > 0, the
+   contextual-prediction regularizer (:mod:`unifyreg.losses`); AdamW + warm-up/cosine;
 5. callbacks: ``EntropyProbe`` (epoch 0 baseline, then every ``every_n_epochs``),
    ``ModelCheckpoint`` (``last.ckpt`` every epoch), a progress bar;
    loggers: CSV and TensorBoard under ``run_dir``;
@@ -33,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from unifyreg.callbacks import EntropyProbe
 from unifyreg.config import ConfigError, FinetuneConfig, to_yaml
 from unifyreg.fileio import atomic_write_text
+from unifyreg.losses import ContextualPredictionLoss
 from unifyreg.module import UMMModule, apply_lora, example_loader, trainable_parameter_count
 from unifyreg.recipes.common import load_adapter, load_probe_set, load_training_examples
 from unifyreg.recipes.pretrain_toy import progress_bar
@@ -56,7 +58,7 @@ def resolve_resume(cfg: FinetuneConfig) -> str | None:
     return str(path)
 
 
-def build_trainer_parts(cfg: FinetuneConfig, loss_terms=(), hidden_states_for_terms=False):
+def build_trainer_parts(cfg: FinetuneConfig):
     """(adapter, module, train loader, probe callback, trainer) for ``cfg``."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir)
@@ -69,12 +71,15 @@ def build_trainer_parts(cfg: FinetuneConfig, loss_terms=(), hidden_states_for_te
     loader = example_loader(adapter, train_examples, cfg.batch_size, shuffle=True, seed=cfg.seed)
     steps_per_epoch = max(1, len(loader))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.max_epochs * steps_per_epoch
+    loss_terms = []
+    if cfg.loss.active:
+        loss_terms.append(ContextualPredictionLoss(cfg.loss, adapter.hidden_size, seed=cfg.seed))
     module = UMMModule(
         adapter,
         cfg.optim,
         total_steps=total_steps,
         loss_terms=loss_terms,
-        hidden_states_for_terms=hidden_states_for_terms,
+        hidden_states_for_terms=cfg.loss.w_div > 0,
     )
     probe = EntropyProbe(
         probe_examples,

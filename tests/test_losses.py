@@ -1,0 +1,153 @@
+"""Tests of the contextual-prediction regularizer: formulas, masking, gradients, wiring."""
+
+import pytest
+import torch
+
+from unifyreg.config import ConfigError, FinetuneConfig, LossConfig, OptimConfig, load_config
+from unifyreg.losses import ContextualPredictionLoss, divergence_loss
+from unifyreg.module import UMMModule
+from unifyreg.roles import Role
+
+R = Role
+
+
+def _two_modalities(text_tokens, image_tokens):
+    """Sample 0: text prompt + image response; sample 1: image prompt + text response."""
+    roles = torch.tensor(
+        [
+            [R.TEXT_PROMPT] * 4 + [R.IMAGE_RESPONSE] * 4,
+            [R.IMAGE_PROMPT] * 4 + [R.TEXT_RESPONSE] * 4,
+        ]
+    )
+    hidden = torch.zeros(3, 2, 8, 6, dtype=torch.float64)
+    hidden[:, 0, :4] = text_tokens
+    hidden[:, 1, :4] = image_tokens
+    g = torch.Generator().manual_seed(0)
+    hidden[:, :, 4:] = torch.randn(3, 2, 4, 6, generator=g, dtype=torch.float64)
+    return hidden, roles
+
+
+def test_encoding_divergence_is_zero_for_equal_trajectories_and_positive_otherwise():
+    tokens = torch.randn(4, 6, dtype=torch.float64)
+    hidden, roles = _two_modalities(tokens, tokens)
+    same, used = divergence_loss(hidden, roles, parts=("encoding",))
+    assert used == 1 and same.item() == pytest.approx(0.0, abs=1e-12)
+    collapsed = tokens[:1].expand(4, 6)  # identical image tokens: entropy 0
+    hidden, roles = _two_modalities(tokens, collapsed)
+    different, _ = divergence_loss(hidden, roles, parts=("encoding",))
+    assert different.item() > 0.1
+
+
+def test_divergence_without_both_modalities_contributes_zero():
+    hidden, roles = _two_modalities(torch.randn(4, 6), torch.randn(4, 6))
+    value, used = divergence_loss(hidden[:, :1], roles[:1])  # only the text-prompt sample
+    assert used == 0 and value.item() == 0.0
+
+
+def test_divergence_gradients_are_finite_and_non_zero():
+    hidden, roles = _two_modalities(torch.randn(4, 6), 0.1 * torch.randn(4, 6))
+    hidden.requires_grad_(True)
+    value, used = divergence_loss(hidden, roles)
+    value.backward()
+    assert used == 2
+    assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
+
+
+def test_non_finite_hidden_states_make_the_divergence_contribute_zero():
+    hidden, roles = _two_modalities(torch.randn(4, 6), torch.randn(4, 6))
+    hidden[1, 1, 0, 0] = float("nan")
+    value, used = divergence_loss(hidden, roles, parts=("encoding",))
+    assert used == 0 and value.item() == 0.0
+
+
+def test_contextual_prediction_masks_only_image_response_inputs(tiny_adapter, tiny_splits):
+    batch = tiny_adapter.encode(
+        tiny_splits["probe/text/composition"][:2] + tiny_splits["probe/image/logical"][:2]
+    )
+    seen = {}
+    original = tiny_adapter.forward
+
+    def spy(batch, **kwargs):
+        hook = kwargs["embedding_hook"]
+        plain = tiny_adapter.input_embeddings(batch)
+        seen["changed"] = (hook(plain, batch) != plain).any(-1)
+        return original(batch, **kwargs)
+
+    loss = ContextualPredictionLoss(LossConfig(w_ctx=1.0, mask_ratio=0.9), tiny_adapter.hidden_size)
+    tiny_adapter.forward = spy
+    try:
+        ctx, tokens = loss.contextual_prediction(tiny_adapter, batch)
+    finally:
+        tiny_adapter.forward = original
+    image_positions = batch["roles"] == R.IMAGE_RESPONSE
+    assert seen["changed"].any()
+    assert not (seen["changed"] & ~image_positions).any()
+    assert int(tokens) == int(image_positions.sum()) and torch.isfinite(ctx)
+    ctx.backward()
+    assert loss.mask_embedding.grad is not None and loss.mask_embedding.grad.abs().sum() > 0
+
+
+def test_contextual_prediction_with_no_masking_equals_the_image_loss(tiny_adapter, tiny_splits):
+    batch = tiny_adapter.encode(tiny_splits["probe/text/deductive"][:3])
+    loss = ContextualPredictionLoss(LossConfig(w_ctx=1.0, mask_ratio=0.0), tiny_adapter.hidden_size)
+    ctx, _ = loss.contextual_prediction(tiny_adapter, batch)
+    plain = tiny_adapter.forward(batch, output_hidden_states=False)
+    torch.testing.assert_close(ctx, plain.image_loss)
+
+
+def test_text_only_batch_gives_zero_ctx_term(tiny_adapter, tiny_splits):
+    batch = tiny_adapter.encode(tiny_splits["probe/image/coarse"][:3])  # text answers only
+    loss = ContextualPredictionLoss(LossConfig(w_ctx=1.0), tiny_adapter.hidden_size)
+    out = tiny_adapter.forward(batch, output_hidden_states=False)
+    total, logs = loss(tiny_adapter, batch, out, step=0)
+    assert total.item() == 0.0 and logs["loss/ctx_tokens"].item() == 0
+
+
+def test_weights_warm_up_linearly():
+    loss = ContextualPredictionLoss(LossConfig(w_ctx=2.0, warmup_steps=10), hidden_size=4)
+    assert [loss.weight(2.0, s) for s in (0, 5, 10, 50)] == [0.0, 1.0, 2.0, 2.0]
+
+
+def test_a_training_step_adds_weighted_terms_and_updates_the_mask_embedding(
+    tiny_adapter, tiny_splits
+):
+    config = LossConfig(w_ctx=0.5, w_div=2.0)
+    term = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
+    module = UMMModule(
+        tiny_adapter,
+        OptimConfig(lr=1e-2, warmup_steps=0),
+        total_steps=10,
+        loss_terms=[term],
+        hidden_states_for_terms=True,
+    )
+    logged = {}
+    module.log_dict = lambda d, **k: logged.update(d)
+    module.log = lambda *a, **k: None
+    examples = tiny_splits["probe/text/composition"][:3] + tiny_splits["probe/image/attribute"][:3]
+    batch = tiny_adapter.encode(examples)
+    term._generator.manual_seed(7)
+    total = module.training_step(batch, 0)
+    expected = logged["loss/task"] + 0.5 * logged["loss/ctx"] + 2.0 * logged["loss/div"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logged["loss/div_parts"] == 2.0
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert any(p is term.mask_embedding for g in optimizer.param_groups for p in g["params"])
+    before = term.mask_embedding.detach().clone()
+    total.backward()
+    optimizer.step()
+    assert not torch.equal(before, term.mask_embedding.detach())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.w_ctx=-1", "loss.w_ctx must be >= 0"),
+        ("loss.mask_ratio=1.0", r"loss.mask_ratio must be in \[0, 1\)"),
+        ("loss.div_alpha=0", "loss.div_alpha must be > 0"),
+        ("loss.div_parts=[style]", "loss.div_parts must be a non-empty subset"),
+        ("loss.warmup_steps=-3", "loss.warmup_steps must be >= 0"),
+    ],
+)
+def test_bad_loss_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(FinetuneConfig, None, [override])

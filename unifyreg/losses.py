@@ -1,0 +1,146 @@
+"""The contextual-prediction regularizer (DESIGN.md, "The loss").
+
+``L = L_task + w_ctx(t) * L_ctx + w_div(t) * L_div``, each term optional and logged apart
+(``loss/task``, ``loss/ctx``, ``loss/div``), with weights ramped linearly over
+``warmup_steps``: ``w(t) = w * min(1, t / warmup_steps)``.
+
+**Contextual prediction** ``L_ctx`` — the image-side twin of next-token prediction. A
+random subset of the image-response *inputs* (each position with probability
+``mask_ratio``) is replaced by one learned mask embedding ``m``, then every image token is
+still predicted through the model's own image head:
+
+    L_ctx = mean_{t in image targets} CE(head(h_{t-1}(x~)), x_t),
+    x~_s = m if s is an image-response position drawn for masking, else x_s.
+
+A causal model can no longer copy its previous image tokens where they are masked, so it
+must lean on the prompt and on the visible context: prediction from context, as Harmon's
+masked autoregression does.
+
+**Cross-modal divergence** ``L_div`` — on the batch's own hidden states, at the layers
+``div_layers``, with the probe's quantities (:func:`unifyreg.probing.batch_quantities`,
+Renyi order ``div_alpha``, 2 by default: no eigendecomposition, smooth gradients;
+median bandwidth, detached), length-normalised and averaged over the batch's samples:
+
+    L_div = mean_l (Ht(l) - Hi(l))^2  [encoding part]  +  mean_l (Ct(l) - Ci(l))^2  [response part]
+
+``Ht, Hi``: text / image prompt entropy; ``Ct, Ci``: text / image response proxy. A part
+whose two sides are not both in the batch contributes 0 without error; a non-finite
+value contributes 0 too. ``loss/div_parts`` logs how many parts contributed, and
+``loss/ctx_tokens`` how many image tokens ``L_ctx`` scored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from unifyreg.adapters.base import Adapter, ForwardOutput
+from unifyreg.config import LossConfig
+from unifyreg.probing import batch_quantities
+from unifyreg.roles import Role
+
+__all__ = ["ContextualPredictionLoss", "divergence_loss"]
+
+_PARTS = {
+    "encoding": ("encoding/text", "encoding/image"),
+    "response": ("response/text", "response/image"),
+}
+
+
+def divergence_loss(
+    hidden_states: Tensor,
+    roles: Tensor,
+    alpha: float = 2.0,
+    parts: tuple[str, ...] = ("encoding", "response"),
+) -> tuple[Tensor, int]:
+    """``(L_div, number of parts that contributed)`` on ``hidden_states`` ``[n, B, S, d]``.
+
+    See the module docstring for the formula. Differentiable in ``hidden_states``.
+    """
+    wanted = [q for part in parts for q in _PARTS[part]]
+    values = batch_quantities(hidden_states, roles, alpha=alpha, quantities=wanted)
+    total = hidden_states.new_zeros((), dtype=torch.float64)
+    used = 0
+    for part in parts:
+        text, image = _PARTS[part]
+        if text not in values or image not in values:
+            continue
+        gap = values[text].normalized.mean(dim=1) - values[image].normalized.mean(dim=1)
+        term = (gap**2).mean()
+        if torch.isfinite(term):
+            total = total + term
+            used += 1
+    return total, used
+
+
+class ContextualPredictionLoss(nn.Module):
+    """The regularizer as a loss term for :class:`unifyreg.module.UMMModule`.
+
+    ``term(adapter, batch, output, step) -> (w_ctx(t) L_ctx + w_div(t) L_div, logs)``;
+    the mask embedding ``m`` is a parameter of this module (trained, checkpointed).
+
+    Example::
+
+        loss = ContextualPredictionLoss(LossConfig(w_ctx=1.0, w_div=0.5), hidden_size=128)
+        module = UMMModule(adapter, optim, total_steps=1000, loss_terms=[loss],
+                           hidden_states_for_terms=loss.needs_hidden_states)
+    """
+
+    def __init__(self, config: LossConfig, hidden_size: int, seed: int = 0) -> None:
+        super().__init__()
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        self.config = config
+        generator = torch.Generator().manual_seed(seed)
+        self.mask_embedding = nn.Parameter(0.02 * torch.randn(hidden_size, generator=generator))
+        self._generator = torch.Generator().manual_seed(seed + 1)
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.config.w_div > 0
+
+    def weight(self, base: float, step: int) -> float:
+        """``base * min(1, step / warmup_steps)`` (no ramp when ``warmup_steps == 0``)."""
+        if self.config.warmup_steps == 0:
+            return base
+        return base * min(1.0, step / self.config.warmup_steps)
+
+    def contextual_prediction(self, adapter: Adapter, batch: dict) -> tuple[Tensor, Tensor]:
+        """``(L_ctx, image tokens scored)`` with a fresh random mask of image inputs."""
+        roles = batch["roles"]
+        draw = torch.rand(roles.shape, generator=self._generator)
+        masked = (roles == int(Role.IMAGE_RESPONSE)) & (draw < self.config.mask_ratio)
+
+        def hook(embeds: Tensor, _batch: dict) -> Tensor:
+            where = masked.to(embeds.device).unsqueeze(-1)
+            return torch.where(where, self.mask_embedding.to(embeds.dtype), embeds)
+
+        out = adapter.forward(batch, output_hidden_states=False, embedding_hook=hook)
+        return out.image_loss, out.image_tokens
+
+    def forward(
+        self, adapter: Adapter, batch: dict, output: ForwardOutput, step: int
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        cfg = self.config
+        total = output.task_loss.new_zeros(())
+        logs: dict[str, Tensor | float] = {}
+        if cfg.w_ctx > 0:
+            ctx, tokens = self.contextual_prediction(adapter, batch)
+            if tokens > 0 and torch.isfinite(ctx):
+                total = total + self.weight(cfg.w_ctx, step) * ctx
+            logs["loss/ctx"] = ctx.detach()
+            logs["loss/ctx_tokens"] = tokens.float()
+        if cfg.w_div > 0:
+            if output.hidden_states is None:
+                raise ValueError(
+                    "L_div needs hidden states: build UMMModule with hidden_states_for_terms=True"
+                )
+            layers = list(cfg.div_layers) or list(range(len(output.layers)))
+            index = [output.layers.index(layer) if layer >= 0 else layer for layer in layers]
+            div, used = divergence_loss(
+                output.hidden_states[index], output.roles, cfg.div_alpha, tuple(cfg.div_parts)
+            )
+            total = total + self.weight(cfg.w_div, step) * div.to(total.dtype)
+            logs["loss/div"] = div.detach()
+            logs["loss/div_parts"] = float(used)
+        return total, logs
