@@ -25,8 +25,7 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/unifyreg pretrain-toy --config configs/toy/pretrain.yaml
-	$(VENV)/bin/unifyreg eval --config configs/toy/eval.yaml
-	$(VENV)/bin/unifyreg probe --config configs/toy/probe.yaml
+	$(VENV)/bin/unifyreg ablate --config configs/toy/ablate_demo.yaml
 
 bench: $(STAMP)
 	$(PY) scripts/bench_estimators.py

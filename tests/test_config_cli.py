@@ -23,7 +23,7 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
         ("model.width=5", "unknown config key 'model.width'; valid keys under model: hidden_size"),
         ("max_steps=many", "bad value for config key 'max_steps'"),
         ("max_steps=0", "max_steps must be >= 1"),
-        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("optim.lr=-1", "optim.lr must be a finite number > 0"),
         ("model.num_heads=3", "divisible by model.num_heads"),
         ("world.grid_size=1", "grid_size must be between 2"),
         ("max_steps", "must look like key=value"),

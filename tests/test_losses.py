@@ -141,7 +141,8 @@ def test_a_training_step_adds_weighted_terms_and_updates_the_mask_embedding(
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("loss.w_ctx=-1", "loss.w_ctx must be >= 0"),
+        ("loss.w_ctx=-1", "loss.w_ctx must be a finite number >= 0"),
+        ("loss.w_div=inf", "loss.w_div must be a finite number >= 0"),
         ("loss.mask_ratio=1.0", r"loss.mask_ratio must be in \[0, 1\)"),
         ("loss.div_alpha=0", "loss.div_alpha must be > 0"),
         ("loss.div_parts=[style]", "loss.div_parts must be a non-empty subset"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,8 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
@@ -325,8 +326,9 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for name in ("w_ctx", "w_div"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"loss.{name} must be a finite number >= 0, got {value}")
         if not 0 <= self.mask_ratio < 1:
             raise ConfigError(f"loss.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not self.div_alpha > 0:
@@ -420,8 +422,8 @@ class ArmConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"arms: an arm name must be non-empty without '/', got {self.name!r}")
-        if self.w_ctx < 0 or self.w_div < 0:
-            raise ConfigError(f"arms.{self.name}: weights must be >= 0")
+        if not all(math.isfinite(w) and w >= 0 for w in (self.w_ctx, self.w_div)):
+            raise ConfigError(f"arms.{self.name}: weights must be finite numbers >= 0")
 
 
 def _default_arms() -> list[ArmConfig]:
