@@ -210,3 +210,41 @@ def test_ddp_probe_equals_single_process(tmp_path, tiny_base_overrides, tiny_spl
     assert "unify/encoding_gap" in single[0]["metrics"]
     for key, value in single[0]["metrics"].items():
         assert ddp[0]["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+@pytest.mark.parametrize(
+    "family, config", [("emu3", "emu3"), ("janus", "janus_pro"), ("chameleon", "chameleon")]
+)
+def test_real_family_lora_configs_run_one_short_epoch(family, config, tmp_path, tiny_splits):
+    import importlib
+    from pathlib import Path
+
+    module = importlib.import_module(f"unifyreg.adapters.{family}")
+    checkpoint = getattr(module, f"save_tiny_{family}")(tmp_path / "ckpt")
+    examples = [*tiny_splits["probe/text/composition"][:2], *tiny_splits["probe/image/coarse"][:2]]
+    manifest = _probe_manifest(tmp_path, examples)
+    config_file = Path(__file__).resolve().parent.parent / "configs" / config / "finetune_lora.yaml"
+    run_dir = tmp_path / "run"
+    args = [
+        "finetune",
+        "--config",
+        str(config_file),
+        f"model.path={checkpoint}",
+        f"data={manifest}",
+        f"probe_set={manifest}",
+        "model.dtype=float32",
+        "precision=32-true",
+        "accelerator=cpu",
+        "max_epochs=1",
+        "batch_size=2",
+        "probe.batch_size=2",
+        "loss.w_ctx=1.0",
+        "loss.w_div=1.0",
+        "loggers=[csv]",
+        f"run_dir={run_dir}",
+    ]
+    assert main(args) == 0
+    assert _history_epochs(run_dir) == [0, 1]
+    assert (run_dir / "lora" / "adapter_config.json").is_file()
+    header = next((run_dir / "logs").glob("version_*/metrics.csv")).read_text().splitlines()[0]
+    assert "loss/ctx" in header and "loss/div" in header and "unify/encoding_gap" in header

@@ -143,3 +143,17 @@ def test_probe_command_writes_tables_figures_and_scores(tmp_path, capsys):
 def test_probe_config_errors_stop_before_work(overrides, message, capsys):
     assert main(["probe", *overrides]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["toy", "emu3", "janus_pro", "chameleon"])
+def test_every_shipped_config_loads(family):
+    from pathlib import Path
+
+    from unifyreg.config import FinetuneConfig, ProbeRunConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs" / family
+    overrides = [] if family == "toy" else ["model.path=/tmp", "probe_set=p.jsonl"]
+    assert load_config(ProbeRunConfig, root / "probe.yaml", overrides).output_dir
+    name = "finetune.yaml" if family == "toy" else "finetune_lora.yaml"
+    extra = [] if family == "toy" else ["data=d.jsonl"]
+    assert load_config(FinetuneConfig, root / name, [*overrides, *extra]).lora.enabled

@@ -152,3 +152,116 @@ def test_a_training_step_adds_weighted_terms_and_updates_the_mask_embedding(
 def test_bad_loss_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(FinetuneConfig, None, [override])
+
+
+def _mixed_batch(adapter, splits, n=4):
+    examples = splits["probe/text/composition"][:n] + splits["probe/image/attribute"][:n]
+    return adapter.encode(examples)
+
+
+def test_all_weights_zero_equals_the_baseline_exactly(tiny_adapter, tiny_splits):
+    batch = _mixed_batch(tiny_adapter, tiny_splits)
+    baseline = UMMModule(tiny_adapter, OptimConfig(), total_steps=10)
+    term = ContextualPredictionLoss(LossConfig(w_ctx=0.0, w_div=0.0), tiny_adapter.hidden_size)
+    regularized = UMMModule(tiny_adapter, OptimConfig(), total_steps=10, loss_terms=[term])
+    for module in (baseline, regularized):
+        module.log_dict = lambda *a, **k: None
+        module.log = lambda *a, **k: None
+    assert torch.equal(baseline.training_step(batch, 0), regularized.training_step(batch, 0))
+
+
+def test_ctx_masks_image_positions_at_the_configured_ratio(tiny_adapter, tiny_splits):
+    examples = [e for k, v in tiny_splits.items() if k.startswith("probe/text/") for e in v]
+    batch = tiny_adapter.encode(examples)
+    loss = ContextualPredictionLoss(LossConfig(w_ctx=1.0, mask_ratio=0.3), tiny_adapter.hidden_size)
+    fractions = []
+    original = tiny_adapter.forward
+
+    def spy(batch, **kwargs):
+        plain = tiny_adapter.input_embeddings(batch)
+        changed = (kwargs["embedding_hook"](plain, batch) != plain).any(-1)
+        image = batch["roles"] == R.IMAGE_RESPONSE
+        fractions.append(changed[image].float().mean().item())
+        return original(batch, **kwargs)
+
+    tiny_adapter.forward = spy
+    try:
+        for _ in range(5):
+            loss.contextual_prediction(tiny_adapter, batch)
+    finally:
+        tiny_adapter.forward = original
+    # 5 draws over len(examples) * 16 image positions each: the mean is within 0.05.
+    assert sum(fractions) / len(fractions) == pytest.approx(0.3, abs=0.05)
+
+
+def test_a_few_steps_on_l_div_alone_reduce_the_divergence(tiny_adapter, tiny_splits):
+    # Plain SGD: the median bandwidth is re-estimated (detached) each step, so L_div is a
+    # moving target; small unnormalised steps follow it down (see README, caveats).
+    batch = _mixed_batch(tiny_adapter, tiny_splits)
+    optimizer = torch.optim.SGD(tiny_adapter.model.parameters(), lr=1e-2)
+
+    def divergence():
+        out = tiny_adapter.forward(batch)
+        return divergence_loss(out.hidden_states, out.roles)[0]
+
+    values = []
+    for _ in range(15):
+        value = divergence()
+        values.append(value.item())
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    after = divergence().item()
+    assert values[1] < values[0] and after < 0.8 * values[0]
+
+
+def test_gradients_are_finite_under_bf16_autocast(tiny_adapter, tiny_splits):
+    batch = _mixed_batch(tiny_adapter, tiny_splits)
+    term = ContextualPredictionLoss(LossConfig(w_ctx=1.0, w_div=1.0), tiny_adapter.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_adapter.forward(batch)
+        total, logs = term(tiny_adapter, batch, out, step=0)
+    (out.task_loss + total).backward()
+    grads = [p.grad for p in tiny_adapter.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(term.mask_embedding.grad).all() and logs["loss/div_parts"] == 2
+
+
+@pytest.mark.parametrize("family", ["emu3", "janus", "chameleon"])
+def test_every_real_adapter_computes_both_terms(family, tmp_path, tiny_splits):
+    import importlib
+
+    from PIL import Image
+
+    from unifyreg.adapters import get_adapter_class
+    from unifyreg.manifest import ManifestExample
+    from unifyreg.toy import render_grid
+
+    module = importlib.import_module(f"unifyreg.adapters.{family}")
+    adapter = get_adapter_class(family).load(getattr(module, f"save_tiny_{family}")(tmp_path))
+    t2i, understanding = (
+        tiny_splits["probe/text/composition"][0],
+        tiny_splits["probe/image/logical"][0],
+    )
+    examples = [
+        ManifestExample(
+            "composition",
+            t2i.prompt_text,
+            response_image=Image.fromarray(render_grid(t2i.response_image)),
+        ),
+        ManifestExample(
+            "logical",
+            understanding.prompt_text,
+            prompt_image=Image.fromarray(render_grid(understanding.prompt_image)),
+            response_text=understanding.response_text,
+        ),
+    ]
+    batch = adapter.encode(examples)
+    term = ContextualPredictionLoss(LossConfig(w_ctx=1.0, w_div=1.0), adapter.hidden_size)
+    out = adapter.forward(batch)
+    total, logs = term(adapter, batch, out, step=0)
+    assert torch.isfinite(total) and logs["loss/ctx_tokens"] > 0 and logs["loss/div_parts"] == 2
+    total.backward()
+    assert (
+        torch.isfinite(term.mask_embedding.grad).all() and term.mask_embedding.grad.abs().sum() > 0
+    )
