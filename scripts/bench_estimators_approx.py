@@ -1,0 +1,447 @@
+"""Benchmark: exact vs bounded-memory exact vs SLQ entropy estimators at real model sizes.
+
+For every (n tokens, d width) of the grid, on synthetic "hidden states" of a 24-layer
+stack (layer ``l`` has feature scales ``j^(-1.5 l / 23)``, i.e. isotropic at the bottom
+and strongly anisotropic at the top, plus four shared massive-activation features and a
+rank-16 component; float32, seeded), three paths compute the alpha = 1.01 entropy of
+every layer's sequence (median bandwidth, bits):
+
+- ``exact``: :func:`unifyreg.estimators.matrix_entropy` (float64, all layers at once);
+- ``chunked``: :func:`unifyreg.estimators.matrix_entropy_chunked` (float64, the same
+  values to round-off, ``max_gram_bytes`` = 1 GiB, fast no-gradient Gram);
+- ``slq``: :func:`unifyreg.estimators.matrix_entropy_slq` (default ``SLQSettings``,
+  float32 Gram, 1 GiB chunks).
+
+Each (path, n, d) runs in a fresh subprocess with ``--threads`` intra-op threads (torch,
+OpenMP, MKL and OpenBLAS; default 1: on a shared machine two OpenMP threads stall for
+seconds whenever another process holds a core): time = best of ``--repeats`` calls on
+``layers_timed`` layers (spread over the 24; all 24 where affordable), reported per layer
+and extrapolated linearly to 24 layers where fewer were timed (marked ``*``). Peak memory
+= ``ru_maxrss`` (resource.getrusage, the process's resident high-water mark) after the
+first call minus the resident size just before it, i.e. the extra memory of the call over
+its float32 input. The relative error is ``max_l |H_slq - H_exact| / H_exact`` over the
+timed layers. A second table compares with the per-layer NumPy loops of
+``scripts/bench_estimators.py`` at one size, and a third measures token subsampling.
+
+Usage: ``python scripts/bench_estimators_approx.py [--quick] [--repeats N] [--threads T]
+[--json FILE]``; ``--profile N D`` prints where the time of each path goes instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unifyreg.estimators import (
+    matrix_entropy,
+    matrix_entropy_chunked,
+    matrix_entropy_slq,
+    subsample_tokens,
+)
+
+ALPHA = 1.01
+TOTAL_LAYERS = 24
+GiB = 2**30
+#: (n, d) -> layers timed per call (the exact path at n = 4096 takes seconds per layer).
+FULL_GRID = {
+    (576, 1024): 24,
+    (576, 2048): 24,
+    (1152, 1024): 24,
+    (1152, 2048): 24,
+    (2304, 1024): 6,
+    (2304, 2048): 6,
+    (4096, 1024): 3,
+    (4096, 2048): 3,
+}
+QUICK_GRID = {(576, 1024): 4, (1152, 1024): 2}
+METHODS = ("exact", "chunked", "slq")
+
+
+def hidden_like(n: int, d: int, layers: list[int], seed: int = 0) -> torch.Tensor:
+    """Synthetic float32 hidden states ``[len(layers), n, d]`` of the given layer indices
+    (each layer from its own seed, so a subset of layers is the same data)."""
+    out = torch.empty(len(layers), n, d)
+    for i, layer in enumerate(layers):
+        g = torch.Generator().manual_seed(seed * 1000 + layer)
+        power = 1.5 * layer / (TOTAL_LAYERS - 1)
+        scales = torch.arange(1, d + 1, dtype=torch.float32) ** -power
+        z = torch.randn(n, d, generator=g) * scales
+        z[:, :4] += 10.0 * torch.randn(4, generator=g)  # shared massive activations
+        z += 0.3 * (torch.randn(n, 16, generator=g) @ torch.randn(16, d, generator=g)) * scales
+        out[i] = z
+    return out
+
+
+def spread_layers(count: int) -> list[int]:
+    """``count`` layer indices spread over the 24 (all of them when count >= 24)."""
+    if count >= TOTAL_LAYERS:
+        return list(range(TOTAL_LAYERS))
+    return sorted({round(x) for x in np.linspace(0, TOTAL_LAYERS - 1, count)})
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def call(method: str, Z: torch.Tensor) -> torch.Tensor:
+    if method == "exact":
+        return matrix_entropy(Z, alpha=ALPHA)
+    if method == "chunked":
+        return matrix_entropy_chunked(Z, alpha=ALPHA, max_gram_bytes=GiB)
+    if method == "slq":
+        return matrix_entropy_slq(Z, alpha=ALPHA, max_gram_bytes=GiB)
+    raise ValueError(method)
+
+
+def worker(spec: dict) -> dict:
+    """One measurement in this (fresh) process: a (method, n, d) row, or a whole table."""
+    torch.set_num_threads(spec["threads"])
+    if spec["method"] == "numpy":
+        return numpy_table(spec["n"], spec["d"], spec["layers"], spec["repeats"])
+    if spec["method"] == "subsampling":
+        return {"rows": subsampling_table(spec["n"], spec["d"], spec["layers"], spec["keeps"])}
+    if spec["method"] == "profile":
+        return profile_phases(spec["n"], spec["d"], spec["layers"])
+    layers = spread_layers(spec["layers"])
+    Z = hidden_like(spec["n"], spec["d"], layers)
+    with torch.no_grad():
+        before = resident_bytes()
+        start = time.perf_counter()
+        values = call(spec["method"], Z)
+        times = [time.perf_counter() - start]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        for _ in range(spec["repeats"] - 1):
+            start = time.perf_counter()
+            call(spec["method"], Z)
+            times.append(time.perf_counter() - start)
+    return {
+        **spec,
+        "layers_timed": len(layers),
+        "times": times,
+        "best_s": min(times),
+        "peak_extra_bytes": peak,
+        "input_bytes": Z.numel() * Z.element_size(),
+        "values": values.tolist(),
+    }
+
+
+def run_worker(spec: dict) -> dict:
+    """Run :func:`worker` in a fresh interpreter (clean memory high-water mark)."""
+    threads = str(spec["threads"])
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env["OPENBLAS_NUM_THREADS"] = threads
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.strip().splitlines()
+    for line in lines[:-1]:  # tables printed by the worker
+        print(line, flush=True)
+    return json.loads(lines[-1])
+
+
+def load_numpy_loops():
+    path = Path(__file__).with_name("bench_estimators.py")
+    spec = importlib.util.spec_from_file_location("bench_estimators", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def machine_description(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), "
+        f"numpy {np.__version__}, Python {platform.python_version()}"
+    )
+
+
+def best_time(fn, repeats: int):
+    best, out = math.inf, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+# ---------------------------------------------------------------------- tables
+
+MAIN_HEADER = (
+    "| n | d | layers timed | exact s/layer | exact 24 layers (s) | exact peak extra (MB) "
+    "| chunked s/layer | chunked peak extra (MB) | SLQ s/layer | SLQ 24 layers (s) "
+    "| SLQ peak extra (MB) | SLQ speedup vs exact | SLQ max rel. error | SLQ mean rel. error |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main_table(grid: dict, repeats: int, threads: int) -> list[dict]:
+    rows = []
+    print(MAIN_HEADER, flush=True)
+    for (n, d), layers in grid.items():
+        result = {}
+        for method in METHODS:
+            spec = dict(method=method, n=n, d=d, layers=layers, repeats=repeats, threads=threads)
+            result[method] = run_worker(spec)
+        exact = np.asarray(result["exact"]["values"])
+        slq = np.asarray(result["slq"]["values"])
+        chunked = np.asarray(result["chunked"]["values"])
+        rel = np.abs(slq - exact) / np.abs(exact)
+        timed = result["exact"]["layers_timed"]
+        per_layer = {m: result[m]["best_s"] / timed for m in METHODS}
+        row = dict(
+            n=n,
+            d=d,
+            layers_timed=timed,
+            extrapolated=timed < TOTAL_LAYERS,
+            **{f"{m}_s_per_layer": per_layer[m] for m in METHODS},
+            **{f"{m}_times": result[m]["times"] for m in METHODS},
+            **{f"{m}_peak_mb": result[m]["peak_extra_bytes"] / 2**20 for m in METHODS},
+            speedup=per_layer["exact"] / per_layer["slq"],
+            max_rel_error=float(rel.max()),
+            mean_rel_error=float(rel.mean()),
+            chunked_max_abs_diff=float(np.abs(chunked - exact).max()),
+            entropy_range=[float(exact.min()), float(exact.max())],
+        )
+        rows.append(row)
+        star = "*" if row["extrapolated"] else ""
+        print(
+            f"| {n} | {d} | {timed} | {per_layer['exact']:.3f} "
+            f"| {per_layer['exact'] * TOTAL_LAYERS:.1f}{star} | {row['exact_peak_mb']:.0f} "
+            f"| {per_layer['chunked']:.3f} | {row['chunked_peak_mb']:.0f} "
+            f"| {per_layer['slq']:.3f} | {per_layer['slq'] * TOTAL_LAYERS:.1f}{star} "
+            f"| {row['slq_peak_mb']:.0f} | {row['speedup']:.1f} "
+            f"| {100 * row['max_rel_error']:.3f} % | {100 * row['mean_rel_error']:.3f} % |",
+            flush=True,
+        )
+    return rows
+
+
+def numpy_table(n: int, d: int, layers: int, repeats: int) -> dict:
+    """Per-layer NumPy loops of bench_estimators.py vs the batched paths, one size."""
+    loops = load_numpy_loops()
+    Z = hidden_like(n, d, spread_layers(layers))
+    X = Z.double().numpy()
+    t_research, h_research = best_time(lambda: np.array([loops.research_entropy(x) for x in X]), 1)
+    t_tuned, _ = best_time(lambda: np.array([loops.tuned_entropy(x) for x in X]), 1)
+    t_exact, h_exact = best_time(lambda: matrix_entropy(Z, alpha=ALPHA).numpy(), repeats)
+    t_chunked, _ = best_time(lambda: matrix_entropy_chunked(Z, alpha=ALPHA), repeats)
+    t_slq, h_slq = best_time(lambda: matrix_entropy_slq(Z, alpha=ALPHA).numpy(), repeats)
+    row = dict(
+        n=n,
+        d=d,
+        layers=layers,
+        research_s=t_research / layers,
+        tuned_s=t_tuned / layers,
+        exact_s=t_exact / layers,
+        chunked_s=t_chunked / layers,
+        slq_s=t_slq / layers,
+        exact_vs_research_max_abs_diff=float(np.abs(h_exact - h_research).max()),
+        slq_max_rel_error=float((np.abs(h_slq - h_exact) / h_exact).max()),
+    )
+    print(
+        "| n | d | layers | research loop s/layer | tuned loop s/layer | exact s/layer "
+        "| chunked s/layer | SLQ s/layer | SLQ vs tuned loop | SLQ vs research loop |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+        f"| {n} | {d} | {layers} | {row['research_s']:.3f} | {row['tuned_s']:.3f} "
+        f"| {row['exact_s']:.3f} | {row['chunked_s']:.3f} | {row['slq_s']:.3f} "
+        f"| {row['tuned_s'] / row['slq_s']:.1f}x | {row['research_s'] / row['slq_s']:.1f}x |",
+        flush=True,
+    )
+    return row
+
+
+def subsampling_table(n: int, d: int, layers: int, keeps: list[int]) -> list[dict]:
+    """Entropy of a token subsample vs all tokens, per layer (exact, float64)."""
+    Z = hidden_like(n, d, spread_layers(layers))
+    full = matrix_entropy_chunked(Z, alpha=ALPHA)
+    full_norm = full / math.log2(n)
+    rows = []
+    print(
+        "| tokens kept | of n | time vs all tokens | mean H change (bits) "
+        "| mean normalised H change | max normalised H change | layer-order Spearman rho |\n"
+        "|---|---|---|---|---|---|---|",
+        flush=True,
+    )
+    t_full, _ = best_time(lambda: matrix_entropy_chunked(Z, alpha=ALPHA), 1)
+    for keep in keeps:
+        Z_sub, _ = subsample_tokens(Z, None, keep, generator=0)
+        t_sub, sub = best_time(lambda Z_sub=Z_sub: matrix_entropy_chunked(Z_sub, alpha=ALPHA), 1)
+        sub_norm = sub / math.log2(keep)
+        rho = spearman(full.numpy(), sub.numpy())
+        row = dict(
+            keep=keep,
+            n=n,
+            time_ratio=t_sub / t_full,
+            mean_change_bits=float((sub - full).mean()),
+            mean_norm_change=float((sub_norm - full_norm).mean()),
+            max_norm_change=float((sub_norm - full_norm).abs().max()),
+            spearman=rho,
+        )
+        rows.append(row)
+        print(
+            f"| {keep} | {n} | {row['time_ratio']:.3f} | {row['mean_change_bits']:+.3f} "
+            f"| {row['mean_norm_change']:+.4f} | {row['max_norm_change']:.4f} | {rho:.3f} |",
+            flush=True,
+        )
+    return rows
+
+
+def profile_phases(n: int, d: int, layers: int) -> dict:
+    """Seconds per layer of each phase of the exact and the SLQ path (private helpers of
+    unifyreg.estimators, replaying what the public functions do)."""
+    from unifyreg import estimators as E
+
+    Z = hidden_like(n, d, spread_layers(layers))
+    phases: dict[str, float] = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        phases[name] = (time.perf_counter() - start) / layers
+        return out
+
+    with torch.no_grad():
+        Z64 = Z.double()
+        D = timed("exact: distances (float64)", lambda: E.pairwise_sq_distances(Z64))
+        bw = timed("exact: median bandwidth", lambda: E.median_bandwidth(Z64, sq_distances=D))
+        K = timed("exact: exp", lambda: D.mul_((-0.5 / bw**2)[:, None, None]).exp_())
+        A = timed("exact: normalise + symmetrise", lambda: 0.5 * (K + K.mT) / n)
+        timed("exact: eigvalsh (float64)", lambda: torch.linalg.eigvalsh(A))
+        settings = E.SLQSettings()
+        D = timed("SLQ: distances (float32, blocked)", lambda: E._sq_distances_no_grad(Z, None))
+        bw = timed("SLQ: median by selection", lambda: E._median_bandwidth_by_selection(D, None))
+        A = timed(
+            "SLQ: exp + normalise",
+            lambda: D.mul_((-0.5 / bw**2)[:, None, None]).exp_().div_(n),
+        )
+        omega, probes = E._slq_draws(n, settings, None, A.dtype, A.device)
+        k, batch = settings.deflation_rank, A.shape[0]
+
+        def deflate():
+            Q = E._orthonormal_rows(omega.expand(batch, k, n) @ A)
+            for _ in range(settings.power_iterations - 1):
+                Q = E._orthonormal_rows(Q.to(A.dtype) @ A)
+            return Q
+
+        Q = timed("SLQ: subspace iteration (deflation)", deflate)
+        Qc = Q.to(A.dtype)
+        QA = timed("SLQ: Q A + Ritz vectors", lambda: Qc @ A)
+        H = QA.double() @ Q.mT
+        ritz = (torch.linalg.eigh(0.5 * (H + H.mT))[1].mT @ Q).to(A.dtype)
+        timed("SLQ: exact moments of the residual", lambda: E._projected_moments(A, Qc, QA))
+        timed(
+            "SLQ: Lanczos on Ritz vectors",
+            lambda: E._lanczos_quadrature(A, ritz, E.RITZ_LANCZOS_STEPS),
+        )
+        V = probes.expand(batch, settings.num_probes, n) - 0
+        for _ in range(2):
+            V = V - (V @ Qc.mT) @ Qc
+        timed("SLQ: Lanczos on probes", lambda: E._lanczos_quadrature(A, V, settings.lanczos_steps))
+    exact = sum(v for key, v in phases.items() if key.startswith("exact"))
+    slq = sum(v for key, v in phases.items() if key.startswith("SLQ"))
+    print(f"| phase (n = {n}, d = {d}, {layers} layers) | s/layer | share of its path |")
+    print("|---|---|---|")
+    for key, value in phases.items():
+        total = exact if key.startswith("exact") else slq
+        print(f"| {key} | {value:.3f} | {100 * value / total:.0f} % |")
+    print(f"| **exact total** | {exact:.3f} | |")
+    print(f"| **SLQ total** | {slq:.3f} | |", flush=True)
+    return {"n": n, "d": d, "layers": layers, "phases": phases}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two small sizes only")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls (best is kept)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads of every measurement (torch, OpenMP, MKL, OpenBLAS)",
+    )
+    parser.add_argument("--skip-numpy", action="store_true", help="skip the NumPy-loop table")
+    parser.add_argument("--skip-subsampling", action="store_true")
+    parser.add_argument("--only", help="comma-separated n values of the main grid to run")
+    parser.add_argument(
+        "--profile",
+        nargs=2,
+        type=int,
+        metavar=("N", "D"),
+        help="only print the per-phase profile of both paths at this size (2 layers)",
+    )
+    parser.add_argument("--json", help="also write all rows to this JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.only:
+        wanted = {int(x) for x in args.only.split(",")}
+        grid = {key: value for key, value in grid.items() if key[0] in wanted}
+
+    print(f"Machine: {machine_description(args.threads)}")
+    print(f"Command: python {' '.join(sys.argv)}")
+    if args.profile:
+        n, d = args.profile
+        print()
+        run_worker(dict(method="profile", n=n, d=d, layers=2, threads=args.threads))
+        return 0
+    print(f"alpha = {ALPHA}, median bandwidth, base 2, best of {args.repeats}; peak = ru_maxrss\n")
+    out: dict = {"machine": machine_description(args.threads), "argv": sys.argv}
+    out["main"] = main_table(grid, args.repeats, args.threads)
+    common = dict(repeats=args.repeats, threads=args.threads)
+    if not args.skip_numpy:
+        print()
+        n, d, layers = (576, 1024, 2) if args.quick else (1152, 1024, 4)
+        out["numpy"] = run_worker(dict(method="numpy", n=n, d=d, layers=layers, **common))
+    if not args.skip_subsampling:
+        print()
+        if args.quick:
+            spec = dict(method="subsampling", n=1152, d=1024, layers=6, keeps=[576], **common)
+        else:
+            spec = dict(method="subsampling", n=4096, d=1024, layers=8, keeps=[2048, 1024, 512])
+            spec.update(common)
+        out["subsampling"] = run_worker(spec)["rows"]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
