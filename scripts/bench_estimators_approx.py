@@ -24,7 +24,8 @@ timed layers. A second table compares with the per-layer NumPy loops of
 ``scripts/bench_estimators.py`` at one size, and a third measures token subsampling.
 
 Usage: ``python scripts/bench_estimators_approx.py [--quick] [--repeats N] [--threads T]
-[--json FILE]``; ``--profile N D`` prints where the time of each path goes instead.
+[--json FILE]``; ``--profile N D`` prints where the time of each path goes instead, and
+``--sweep N D`` the cost and error of SLQ settings around the defaults.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def worker(spec: dict) -> dict:
         return {"rows": subsampling_table(spec["n"], spec["d"], spec["layers"], spec["keeps"])}
     if spec["method"] == "profile":
         return profile_phases(spec["n"], spec["d"], spec["layers"])
+    if spec["method"] == "sweep":
+        return {"rows": sweep_table(spec["n"], spec["d"], spec["layers"], spec["repeats"])}
     layers = spread_layers(spec["layers"])
     Z = hidden_like(spec["n"], spec["d"], layers)
     with torch.no_grad():
@@ -374,6 +377,57 @@ def profile_phases(n: int, d: int, layers: int) -> dict:
     return {"n": n, "d": d, "layers": layers, "phases": phases}
 
 
+#: SLQ settings compared by ``--sweep`` (name -> SLQSettings keyword arguments).
+SWEEP = {
+    "default": {},
+    "num_probes=16": {"num_probes": 16},
+    "num_probes=4": {"num_probes": 4},
+    "lanczos_steps=8": {"lanczos_steps": 8},
+    "deflation_rank=8": {"deflation_rank": 8},
+    "power_iterations=1": {"power_iterations": 1},
+    "no deflation": {"deflation_rank": 0, "num_probes": 24},
+}
+
+
+def sweep_table(n: int, d: int, layers: int, repeats: int, seeds: int = 3) -> list[dict]:
+    """Cost and error of SLQ settings around the defaults (errors over layers and seeds)."""
+    from unifyreg.estimators import SLQSettings
+
+    Z = hidden_like(n, d, spread_layers(layers))
+    exact = matrix_entropy_chunked(Z, alpha=ALPHA)
+    print(
+        f"| SLQ settings (n = {n}, d = {d}, {layers} layers x {seeds} seeds) | s/layer "
+        "| max rel. error | mean rel. error |\n|---|---|---|---|",
+        flush=True,
+    )
+    rows = []
+    for name, kwargs in SWEEP.items():
+        settings = SLQSettings(**kwargs)
+        t, _ = best_time(lambda s=settings: matrix_entropy_slq(Z, alpha=ALPHA, settings=s), repeats)
+        errors = torch.stack(
+            [
+                (
+                    matrix_entropy_slq(Z, alpha=ALPHA, settings=settings, generator=seed) - exact
+                ).abs()
+                / exact
+                for seed in range(seeds)
+            ]
+        )
+        row = dict(
+            name=name,
+            s_per_layer=t / len(Z),
+            max_rel_error=float(errors.max()),
+            mean_rel_error=float(errors.mean()),
+        )
+        rows.append(row)
+        print(
+            f"| {name} | {row['s_per_layer']:.3f} | {100 * row['max_rel_error']:.3f} % "
+            f"| {100 * row['mean_rel_error']:.3f} % |",
+            flush=True,
+        )
+    return rows
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -399,6 +453,13 @@ def main(argv=None) -> int:
         metavar=("N", "D"),
         help="only print the per-phase profile of both paths at this size (2 layers)",
     )
+    parser.add_argument(
+        "--sweep",
+        nargs=2,
+        type=int,
+        metavar=("N", "D"),
+        help="only compare SLQ settings around the defaults at this size (12 layers)",
+    )
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -419,6 +480,12 @@ def main(argv=None) -> int:
         n, d = args.profile
         print()
         run_worker(dict(method="profile", n=n, d=d, layers=2, threads=args.threads))
+        return 0
+    if args.sweep:
+        n, d = args.sweep
+        print()
+        spec = dict(method="sweep", n=n, d=d, layers=12, repeats=args.repeats)
+        run_worker(dict(spec, threads=args.threads))
         return 0
     print(f"alpha = {ALPHA}, median bandwidth, base 2, best of {args.repeats}; peak = ru_maxrss\n")
     out: dict = {"machine": machine_description(args.threads), "argv": sys.argv}
