@@ -11,16 +11,16 @@ Each path runs :func:`unifyreg.probing.run_probe` in a fresh subprocess (``--thr
 intra-op threads; default 1, see scripts/bench_estimators_approx.py for why) on
 ``--measure-prompts`` examples and is extrapolated linearly to ``--prompts``:
 
-- ``exact``: the probe as it is (``matrix_entropy`` / ``conditional_entropy_proxy``, float64);
-- ``chunked``: the exact bounded-memory functions (``matrix_entropy_chunked`` /
-  ``conditional_entropy_proxy_chunked``, float64, ``max_gram_bytes`` = 256 MiB);
-- ``slq``: the approximate functions (``matrix_entropy_slq`` /
-  ``conditional_entropy_proxy_slq``, default ``SLQSettings``);
+- ``exact``: ``probe.method=exact`` with no Gram limit (``max_gram_bytes`` = 2^62: each
+  layer chunk's Grams at once; the exact bounded-memory functions
+  ``matrix_entropy_chunked`` / ``conditional_entropy_proxy_chunked``, float64);
+- ``chunked``: the probe's defaults, ``probe.method=exact`` with ``probe.max_gram_bytes``
+  = 256 MiB;
+- ``slq``: ``probe.method=slq`` (``matrix_entropy_slq`` / ``conditional_entropy_proxy_slq``,
+  default ``SLQSettings``, float32 Grams, 256 MiB of Gram at a time);
 - ``forward`` (with ``--methods forward``): the model's forward passes alone, batch by
   batch as the probe runs them, to separate the model's memory from the probe's.
 
-The probe module has no estimator switch yet, so the benchmark swaps the two estimator
-functions that ``unifyreg.probing`` imported (a benchmark-only patch; same signature).
 Time is split into the model's forward passes (timed around ``adapter.forward``) and
 everything else (role gathering and estimators). Peak memory is ``ru_maxrss`` after the
 probe minus the resident size just before it (model and probe set already built), i.e.
@@ -106,46 +106,13 @@ def build_adapter(spec: dict):
     return adapter, tokenizer
 
 
-def patch_estimators(method: str) -> None:
-    """Swap the estimator functions unifyreg.probing calls (benchmark only)."""
-    import unifyreg.probing as probing
-    from unifyreg import estimators as E
-
-    for name in ("matrix_entropy", "conditional_entropy_proxy"):
-        if not hasattr(probing, name):
-            raise RuntimeError(f"unifyreg.probing no longer uses {name}; update this benchmark")
-    if method == "exact":
-        return
-    if method == "chunked":
-
-        def entropy(Z, alpha=1.01, sigma="median", base=2.0, mask=None, normalize=False, **kw):
-            kw.setdefault("max_gram_bytes", GiB // 4)
-            return E.matrix_entropy_chunked(Z, alpha, sigma, base, mask, normalize, **kw)
-
-        def proxy(Zp, Zr, alpha=1.01, sigma="median", base=2.0, mask_p=None, mask_r=None,
-                  normalize=False, **kw):  # fmt: skip
-            kw.setdefault("max_gram_bytes", GiB // 4)
-            return E.conditional_entropy_proxy_chunked(
-                Zp, Zr, alpha, sigma, base, mask_p, mask_r, normalize, **kw
-            )
-
-    elif method == "slq":
-
-        def entropy(Z, alpha=1.01, sigma="median", base=2.0, mask=None, normalize=False, **kw):
-            kw.pop("dtype", None)  # the SLQ path builds its Gram in float32
-            return E.matrix_entropy_slq(Z, alpha, sigma, base, mask, normalize, **kw)
-
-        def proxy(Zp, Zr, alpha=1.01, sigma="median", base=2.0, mask_p=None, mask_r=None,
-                  normalize=False, **kw):  # fmt: skip
-            kw.pop("dtype", None)
-            return E.conditional_entropy_proxy_slq(
-                Zp, Zr, alpha, sigma, base, mask_p, mask_r, normalize, **kw
-            )
-
-    else:
-        raise ValueError(method)
-    probing.matrix_entropy = entropy
-    probing.conditional_entropy_proxy = proxy
+#: ``ProbeConfig`` settings of each path (``forward`` runs no estimator).
+PATHS = {
+    "exact": dict(method="exact", max_gram_bytes=2**62),
+    "chunked": dict(method="exact", max_gram_bytes=GiB // 4),
+    "slq": dict(method="slq", max_gram_bytes=GiB // 4),
+    "forward": {},
+}
 
 
 def layer_subsampling(result, steps: list[int]) -> list[dict]:
@@ -216,8 +183,6 @@ def worker(spec: dict) -> dict:
     examples = build_examples(
         spec["measure_prompts"], spec["prompt_words"], tokenizer.words, spec["grid"], seed=0
     )
-    if spec["method"] != "forward":
-        patch_estimators(spec["method"])
     forward_time = [0.0]
     shapes = []
     original_forward = adapter.forward
@@ -226,11 +191,15 @@ def worker(spec: dict) -> dict:
         start = time.perf_counter()
         out = original_forward(*args, **kwargs)
         forward_time[0] += time.perf_counter() - start
-        shapes.append(tuple(out.hidden_states.shape))
+        layers = out.hidden_layers  # per-layer tensors: do not stack a copy here
+        shapes.append((len(layers), *layers[0].shape))
         return out
 
     adapter.forward = timed_forward
-    cfg = ProbeConfig(batch_size=spec["batch_size"], layers_per_chunk=spec["layers_per_chunk"])
+    chunking = (
+        {} if spec["layers_per_chunk"] is None else {"layers_per_chunk": spec["layers_per_chunk"]}
+    )
+    cfg = ProbeConfig(batch_size=spec["batch_size"], **chunking, **PATHS[spec["method"]])
     before = resident_bytes()
     start = time.perf_counter()
     if spec["method"] == "forward":  # the model's forward passes alone, as the probe runs them
@@ -320,7 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--measure-prompts", type=int, default=16, help="prompts actually run")
     parser.add_argument("--prompt-words", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--layers-per-chunk", type=int, default=8)
+    parser.add_argument("--layers-per-chunk", type=int, default=None, help="default: ProbeConfig's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default="exact,chunked,slq")
     parser.add_argument(
@@ -348,6 +317,8 @@ def main(argv=None) -> int:
     print(f"Command: python {' '.join(sys.argv)}")
     results = {}
     for method in args.methods.split(","):
+        if method not in PATHS:
+            parser.error(f"unknown method {method!r}; valid: {', '.join(PATHS)}")
         results[method] = run_worker(dict(base, method=method))
         print(f"  ran {method}: {results[method]['total_s']:.1f} s", flush=True)
     scale = args.prompts / args.measure_prompts

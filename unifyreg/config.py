@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from unifyreg.adapters.toy import ToyModelConfig
+from unifyreg.adapters.toy import LAYOUT_VERSION, ToyModelConfig
 from unifyreg.toy.splits import WorldConfig
 
 __all__ = [
@@ -48,6 +48,10 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
+
+
+#: Values of ``probe.method``.
+PROBE_METHODS = ("exact", "slq")
 
 
 @dataclass
@@ -87,8 +91,22 @@ class ProbeConfig:
     - ``batch_size``: probe examples per forward pass (bounds memory);
     - ``responses``: ``"reference"`` (teacher-forced reference responses) or
       ``"generated"`` (the model's own greedy responses, then teacher-forced);
-    - ``dtype``: ``"float64"`` or ``"float32"`` for the entropy computation;
-    - ``layers_per_chunk``: layers whose Gram matrices are built at once (bounds memory).
+    - ``dtype``: ``"float64"`` or ``"float32"`` for the exact entropy computation (the
+      ``slq`` method builds its Grams in float32 and returns float64);
+    - ``layers_per_chunk``: layers whose role segments are gathered (cast to ``dtype``)
+      and whose Gram matrices are built at once; 1 (the default) keeps the probe's extra
+      memory within that of the model's forward pass, each further layer adds its
+      segments' float64 copies and Grams;
+    - ``method``: ``"exact"`` (:func:`~unifyreg.estimators.matrix_entropy_chunked`, equal to
+      the unchunked estimators to round-off) or ``"slq"`` (stochastic Lanczos quadrature,
+      :func:`~unifyreg.estimators.matrix_entropy_slq`: approximate, no gradient, faster
+      for segments of more than ~1000 tokens);
+    - ``max_gram_bytes``: bytes of Gram matrices built at once (> 0; default 256 MiB);
+    - ``max_tokens``: keep at most this many tokens of each role segment, a seeded uniform
+      subsample (0 = all tokens); changes the estimate (README, "Which path for which size");
+    - ``slq``: settings of the ``slq`` method, keys of :class:`unifyreg.estimators.SLQSettings`
+      (``num_probes``, ``deflation_rank``, ``lanczos_steps``, ``power_iterations``,
+      ``exact_max_tokens``, ``seed``); empty = its defaults.
     """
 
     alpha: float = 1.01
@@ -98,7 +116,11 @@ class ProbeConfig:
     batch_size: int = 16
     responses: str = "reference"
     dtype: str = "float64"
-    layers_per_chunk: int = 8
+    layers_per_chunk: int = 1
+    method: str = "exact"
+    max_gram_bytes: int = 268435456
+    max_tokens: int = 0
+    slq: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.alpha > 0:
@@ -124,6 +146,16 @@ class ProbeConfig:
             raise ConfigError(f"probe.dtype must be 'float64' or 'float32', got {self.dtype!r}")
         if self.layers_per_chunk < 1:
             raise ConfigError(f"probe.layers_per_chunk must be >= 1, got {self.layers_per_chunk}")
+        if self.method not in PROBE_METHODS:
+            raise ConfigError(
+                f"probe.method must be one of {', '.join(PROBE_METHODS)}, got {self.method!r}"
+            )
+        for name, low in (("max_gram_bytes", 1), ("max_tokens", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                relation = "> 0" if low else ">= 0 (0 = no limit)"
+                raise ConfigError(f"probe.{name} must be an integer {relation}, got {value!r}")
+        _ = self.slq_settings  # validates probe.slq
 
     @property
     def sigma(self) -> float | str:
@@ -136,19 +168,43 @@ class ProbeConfig:
 
         return getattr(torch, self.dtype)
 
+    @property
+    def slq_settings(self):
+        """``probe.slq`` as a :class:`unifyreg.estimators.SLQSettings` (ConfigError naming
+        the key for an unknown key or a value it rejects)."""
+        from unifyreg.estimators import SLQSettings
+
+        if not isinstance(self.slq, dict):
+            raise ConfigError(f"probe.slq must be a mapping of SLQSettings keys, got {self.slq!r}")
+        valid = [f.name for f in dataclasses.fields(SLQSettings)]
+        for key, value in self.slq.items():
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown config key 'probe.slq.{key}'; valid keys under probe.slq: "
+                    f"{', '.join(valid)}"
+                )
+            try:
+                SLQSettings(**{key: value})
+            except (TypeError, ValueError) as error:
+                reason = str(error).removeprefix(f"SLQSettings.{key} ")
+                raise ConfigError(f"probe.slq.{key} {reason}") from None
+        return SLQSettings(**self.slq)
+
 
 @dataclass
 class PretrainToyConfig:
     """``unifyreg pretrain-toy``: train the toy base from scratch and cache it.
 
-    The cache directory is ``cache_dir/toy-base-<hash>`` where the hash covers ``world``,
-    ``model``, ``optim``, ``max_steps``, ``batch_size`` and ``seed``; a second call with
+    The cache directory is ``cache_dir/toy-base-<hash>`` where the hash covers ``world``
+    (its settings and a fingerprint of its content), ``model``, the toy adapter's sequence
+    layout version, ``optim``, ``max_steps``, ``batch_size`` and ``seed``; a second call with
     the same values reuses it (``force=true`` retrains).
     """
 
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    # 1e-3 and above never learned single-cell reading in 3000 steps; 5e-4 did (README).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
     max_steps: int = 3000
     batch_size: int = 64
     seed: int = 0
@@ -179,6 +235,7 @@ class PretrainToyConfig:
                 "world": dataclasses.asdict(self.world),
                 "world_content": world_fingerprint(self.world),
                 "model": dataclasses.asdict(self.model),
+                "layout_version": LAYOUT_VERSION,
                 "optim": dataclasses.asdict(self.optim),
                 "max_steps": self.max_steps,
                 "batch_size": self.batch_size,
@@ -309,6 +366,8 @@ class LossConfig:
     - ``w_ctx``, ``w_div``: weights (>= 0; 0 switches a term off);
     - ``mask_ratio``: share of image-response inputs replaced by the mask embedding in
       ``L_ctx``, in [0, 1);
+    - ``ctx_row_fraction``: ``L_ctx`` runs on at most ``ceil(ctx_row_fraction * B)`` of
+      the batch's rows that hold image responses, drawn each step, in (0, 1];
     - ``div_alpha``: Renyi order of ``L_div`` (2 = Frobenius, no eigendecomposition);
     - ``div_layers``: layers ``L_div`` compares (empty = all; 0 = input embeddings);
     - ``div_parts``: which trajectories ``L_div`` aligns: ``encoding`` (text vs image
@@ -319,6 +378,7 @@ class LossConfig:
     w_ctx: float = 0.0
     w_div: float = 0.0
     mask_ratio: float = 0.5
+    ctx_row_fraction: float = 0.25
     div_alpha: float = 2.0
     div_layers: list[int] = field(default_factory=list)
     div_parts: list[str] = field(default_factory=lambda: ["encoding", "response"])
@@ -331,6 +391,10 @@ class LossConfig:
                 raise ConfigError(f"loss.{name} must be a finite number >= 0, got {value}")
         if not 0 <= self.mask_ratio < 1:
             raise ConfigError(f"loss.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0 < self.ctx_row_fraction <= 1:
+            raise ConfigError(
+                f"loss.ctx_row_fraction must be in (0, 1], got {self.ctx_row_fraction}"
+            )
         if not self.div_alpha > 0:
             raise ConfigError(f"loss.div_alpha must be > 0, got {self.div_alpha}")
         unknown = sorted(set(self.div_parts) - {"encoding", "response"})

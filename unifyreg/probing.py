@@ -11,9 +11,15 @@ every probed layer l, from the role-labelled hidden states only:
 
 ``H`` is :func:`unifyreg.estimators.matrix_entropy` (alpha = 1.01, median bandwidth,
 bits by default); the proxy is :func:`unifyreg.estimators.conditional_entropy_proxy`.
-Every value is kept raw and length-normalised (entropies divided by log2 of the token
-count, proxies by log2 of the joint count). Hidden states of one batch at a time are held
-in memory; only per-sample scalars per layer are kept.
+``ProbeConfig.method`` picks how they are computed: ``exact`` (the bounded-memory
+``*_chunked`` functions, ``max_gram_bytes`` of Gram at a time; equal to round-off) or
+``slq`` (the approximate ``*_slq`` functions, no gradient); ``max_tokens`` optionally
+caps each role segment by a seeded uniform subsample. Every value is kept raw and
+length-normalised (entropies divided by log2 of the token count, proxies by log2 of the
+joint count; kept counts when subsampled). Hidden states of one batch at a time are held
+in memory, as the adapter's per-layer tensors; role segments are gathered and cast one
+chunk of ``layers_per_chunk`` layers at a time; only per-sample scalars per layer are
+kept.
 
 unifyreg's scalar scores (our definitions, not the paper's; DESIGN.md), on the
 normalised per-layer means pooled over categories, ``Ht, Hi`` (encoding text/image) and
@@ -37,10 +43,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from unifyreg.config import ProbeConfig
-from unifyreg.estimators import conditional_entropy_proxy, matrix_entropy, normalize_by_count
+from unifyreg.config import PROBE_METHODS, ProbeConfig
+from unifyreg.estimators import (
+    SLQSettings,
+    conditional_entropy_proxy,
+    conditional_entropy_proxy_chunked,
+    conditional_entropy_proxy_slq,
+    matrix_entropy,
+    matrix_entropy_chunked,
+    matrix_entropy_slq,
+    normalize_by_count,
+    subsample_tokens,
+)
 from unifyreg.fileio import atomic_write_json, atomic_write_text
-from unifyreg.roles import Role, role_counts, role_segments
+from unifyreg.roles import Role, role_counts, role_mask
 
 __all__ = [
     "BatchQuantity",
@@ -319,8 +335,81 @@ class BatchQuantity:
     select: torch.Tensor
 
 
+@dataclass
+class _Segment:
+    """Where one role segment of the selected samples lies: ``index`` ``[b, k]`` positions
+    (per row, the segment's kept positions in order, then arbitrary positions as padding),
+    ``mask`` ``[b, k]`` (True = kept token), ``counts`` ``[b]`` (kept tokens)."""
+
+    rows: torch.Tensor
+    index: torch.Tensor
+    mask: torch.Tensor
+    counts: torch.Tensor
+
+
+def _segment(roles: torch.Tensor, rows: torch.Tensor, role, max_tokens: int) -> _Segment:
+    """The positions :func:`unifyreg.roles.role_segments` gathers (same order, same padding),
+    optionally subsampled to at most ``max_tokens`` tokens per row."""
+    is_role = role_mask(roles[rows], role)
+    counts = is_role.sum(dim=1)
+    k = int(counts.max())
+    index = torch.argsort((~is_role).to(torch.int8), dim=1, stable=True)[:, :k]
+    if max_tokens and k > max_tokens:
+        kept = []
+        for positions, count in zip(index, counts.tolist(), strict=True):
+            if count > max_tokens:
+                # Seeded by the segment's length: the same subset whatever the batch, the
+                # rank or the layer (every layer of a sample sees the same tokens).
+                sub, _ = subsample_tokens(
+                    positions[:count, None].to(torch.float64), None, max_tokens, generator=count
+                )
+                positions = sub[:, 0].to(index.dtype)
+            kept.append(positions[:max_tokens])
+        index, counts, k = torch.stack(kept), counts.clamp_max(max_tokens), max_tokens
+    mask = torch.arange(k, device=roles.device)[None, :] < counts[:, None]
+    return _Segment(rows, index, mask, counts)
+
+
+def _gather(layers: Sequence[torch.Tensor], seg: _Segment, dtype: torch.dtype | None):
+    """``[len(layers), b, k, d]``: the segment's tokens in each layer. ``dtype=None``: a
+    differentiable stack in the input dtype; otherwise one buffer in ``dtype``, filled a
+    layer at a time (no stacked or full-precision copy of all layers)."""
+    rows = seg.rows[:, None]
+    if dtype is None:
+        return torch.stack([h[rows, seg.index] for h in layers])
+    first = layers[0]
+    out = torch.empty(
+        (len(layers), *seg.index.shape, first.shape[-1]), dtype=dtype, device=first.device
+    )
+    for j, h in enumerate(layers):
+        out[j] = h[rows, seg.index]
+    return out
+
+
+def _as_layers(hidden_states, roles: torch.Tensor) -> list[torch.Tensor]:
+    """Per-layer ``[B, S, d]`` tensors from a stacked ``[n, B, S, d]`` tensor (views) or a
+    sequence of per-layer tensors."""
+    if isinstance(hidden_states, torch.Tensor):
+        if hidden_states.dim() != 4:
+            raise ValueError(
+                f"hidden_states must be [n_layers, B, S, d], got {tuple(hidden_states.shape)}"
+            )
+        layers = list(hidden_states.unbind(0))
+    else:
+        layers = list(hidden_states)
+    if not layers:
+        raise ValueError("hidden_states holds no layer")
+    for h in layers:
+        if h.dim() != 3 or tuple(h.shape[:2]) != tuple(roles.shape):
+            raise ValueError(
+                f"each layer's hidden states must be [B, S, d] matching roles [B, S] "
+                f"{tuple(roles.shape)}, got {tuple(h.shape)}"
+            )
+    return layers
+
+
 def batch_quantities(
-    hidden_states: torch.Tensor,
+    hidden_states: torch.Tensor | Sequence[torch.Tensor],
     roles: torch.Tensor,
     alpha: float = 1.01,
     sigma: float | str = "median",
@@ -328,98 +417,149 @@ def batch_quantities(
     dtype: torch.dtype = torch.float64,
     layers_per_chunk: int = 8,
     quantities: Sequence[str] = QUANTITIES,
+    *,
+    method: str = "exact",
+    max_gram_bytes: int | None = None,
+    slq: SLQSettings | None = None,
+    max_tokens: int = 0,
 ) -> dict[str, BatchQuantity]:
-    """The probe's quantities on one batch, differentiable in ``hidden_states``.
+    """The probe's quantities on one batch.
 
-    ``hidden_states`` ``[n_layers, B, S, d]``, ``roles`` ``[B, S]``. Returns only the
-    quantities that have at least one sample in the batch (see the module docstring for
-    which samples each takes). Non-finite inputs give NaN for exactly the affected
-    samples. Used by the probe (without gradient) and by the divergence loss (with).
+    ``hidden_states``: ``[n_layers, B, S, d]`` or a sequence of ``n_layers`` tensors
+    ``[B, S, d]`` (e.g. :attr:`ForwardOutput.hidden_layers`, without a stacked copy);
+    ``roles`` ``[B, S]``. Returns only the quantities that have at least one sample in the
+    batch (see the module docstring for which samples each takes). Non-finite inputs give
+    NaN for exactly the affected samples. Used by the probe (without gradient) and by the
+    divergence loss (with).
+
+    Layers are processed ``layers_per_chunk`` at a time: each role segment is gathered
+    (and, without gradient, cast to ``dtype``) for one chunk of layers only, so the extra
+    memory is one chunk's segments plus its Gram matrices.
+
+    - ``method="exact"``, ``max_gram_bytes=None`` (the default, used by the loss):
+      :func:`~unifyreg.estimators.matrix_entropy` and
+      :func:`~unifyreg.estimators.conditional_entropy_proxy`, differentiable;
+    - ``method="exact"`` with ``max_gram_bytes``: the bounded-memory ``*_chunked``
+      functions (equal values to round-off; identical values and gradients with gradient);
+    - ``method="slq"``: the approximate ``*_slq`` functions with ``slq`` settings (default
+      :class:`~unifyreg.estimators.SLQSettings`), Grams in float32, no gradient: raises
+      ``ValueError`` when ``hidden_states`` require gradient under grad mode.
+
+    ``max_tokens`` > 0 keeps at most that many tokens of each role segment (prompt and
+    response separately), a uniform subset seeded by the segment's length (the same for
+    every layer and whatever the batch), and normalises by the kept count.
     """
-    out: dict[str, BatchQuantity] = {}
-    n_layers = hidden_states.shape[0]
+    if method not in PROBE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(PROBE_METHODS)}, got {method!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer >= 0 (0 = no limit), got {max_tokens!r}")
+    if layers_per_chunk < 1:
+        raise ValueError(f"layers_per_chunk must be >= 1, got {layers_per_chunk}")
+    layers = _as_layers(hidden_states, roles)
+    n_layers = len(layers)
+    needs_grad = torch.is_grad_enabled() and any(h.requires_grad for h in layers)
+    if method == "slq" and needs_grad:
+        raise ValueError(
+            "method='slq' (probe.method=slq) is approximate and has no gradient: use "
+            "method='exact' where gradients are needed (e.g. the divergence loss), or run "
+            "the probe under torch.no_grad()"
+        )
+    settings = slq if slq is not None else SLQSettings()
+    common = dict(alpha=alpha, sigma=sigma, base=base, nan_policy="propagate")
+    if method == "slq":
+        gather_dtype = None if needs_grad else layers[0].dtype
+        common.update(settings=settings, dtype=torch.float32, max_gram_bytes=max_gram_bytes)
+        entropy_fn, proxy_fn = matrix_entropy_slq, conditional_entropy_proxy_slq
+    elif max_gram_bytes is None:
+        gather_dtype = None if needs_grad else dtype
+        common.update(dtype=dtype)
+        entropy_fn, proxy_fn = matrix_entropy, conditional_entropy_proxy
+    else:
+        gather_dtype = None if needs_grad else dtype
+        common.update(dtype=dtype, max_gram_bytes=max_gram_bytes)
+        entropy_fn, proxy_fn = matrix_entropy_chunked, conditional_entropy_proxy_chunked
+
     image_prompt_counts = role_counts(roles, Role.IMAGE_PROMPT)
     prompt_counts = role_counts(roles, PROMPT_ROLES)
-
-    def entropy(Z, mask):
-        return matrix_entropy(
-            Z,
-            alpha=alpha,
-            sigma=sigma,
-            base=base,
-            mask=mask.expand(Z.shape[0], *mask.shape),
-            dtype=dtype,
-            nan_policy="propagate",
-        )
-
-    def proxy(Zp, Zr, mask_p, mask_r):
-        return conditional_entropy_proxy(
-            Zp,
-            Zr,
-            alpha=alpha,
-            sigma=sigma,
-            base=base,
-            mask_p=mask_p.expand(Zp.shape[0], *mask_p.shape),
-            mask_r=mask_r.expand(Zr.shape[0], *mask_r.shape),
-            dtype=dtype,
-            nan_policy="propagate",
-        )
-
-    def record(name, select, values, counts):
-        normalized = normalize_by_count(values, counts.to(values.dtype)[None, :], base)
-        out[name] = BatchQuantity(values, normalized, counts, select)
-
+    # name -> (select [B], segments): one segment for an entropy, (prompt, response) for a proxy
+    plan: dict[str, tuple[torch.Tensor, tuple[_Segment, ...]]] = {}
     for name, role, select in (
         ("encoding/text", Role.TEXT_PROMPT, image_prompt_counts == 0),
         ("encoding/image", Role.IMAGE_PROMPT, image_prompt_counts > 0),
     ):
-        counts = role_counts(roles, role)
-        select = select & (counts > 0)
+        select = select & (role_counts(roles, role) > 0)
         if name in quantities and bool(select.any()):
-            Z, mask = role_segments(hidden_states[:, select], roles[select], role)
-            values = torch.cat(
-                [
-                    entropy(Z[i : i + layers_per_chunk], mask)
-                    for i in range(0, n_layers, layers_per_chunk)
-                ]
-            )
-            record(name, select, values, counts[select])
-
+            rows = torch.nonzero(select).flatten()
+            plan[name] = (select, (_segment(roles, rows, role, max_tokens),))
     for name, role in (
         ("response/text", Role.TEXT_RESPONSE),
         ("response/image", Role.IMAGE_RESPONSE),
     ):
-        counts = role_counts(roles, role)
-        select = (counts > 0) & (prompt_counts > 0)
+        select = (role_counts(roles, role) > 0) & (prompt_counts > 0)
         if name in quantities and bool(select.any()):
-            H, R = hidden_states[:, select], roles[select]
-            Zp, mask_p = role_segments(H, R, PROMPT_ROLES)
-            Zr, mask_r = role_segments(H, R, role)
-            values = torch.cat(
-                [
-                    proxy(
-                        Zp[i : i + layers_per_chunk], Zr[i : i + layers_per_chunk], mask_p, mask_r
-                    )
-                    for i in range(0, n_layers, layers_per_chunk)
-                ]
+            rows = torch.nonzero(select).flatten()
+            segments = (
+                _segment(roles, rows, PROMPT_ROLES, max_tokens),
+                _segment(roles, rows, role, max_tokens),
             )
-            record(name, select, values, counts[select] + prompt_counts[select])
+            plan[name] = (select, segments)
+
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in plan}
+    for start in range(0, n_layers, layers_per_chunk):
+        chunk = layers[start : start + layers_per_chunk]
+        for name, (_, segments) in plan.items():
+            if len(segments) == 1:
+                (seg,) = segments
+                Z = _gather(chunk, seg, gather_dtype)
+                values = entropy_fn(Z, mask=seg.mask.expand(len(chunk), *seg.mask.shape), **common)
+            else:
+                seg_p, seg_r = segments
+                Zp = _gather(chunk, seg_p, gather_dtype)
+                Zr = _gather(chunk, seg_r, gather_dtype)
+                values = proxy_fn(
+                    Zp,
+                    Zr,
+                    mask_p=seg_p.mask.expand(len(chunk), *seg_p.mask.shape),
+                    mask_r=seg_r.mask.expand(len(chunk), *seg_r.mask.shape),
+                    **common,
+                )
+                del Zp, Zr
+            pieces[name].append(values)
+
+    out: dict[str, BatchQuantity] = {}
+    for name, (select, segments) in plan.items():
+        values = torch.cat(pieces[name])
+        counts = sum(seg.counts for seg in segments)
+        normalized = normalize_by_count(values, counts.to(values.dtype)[None, :], base)
+        out[name] = BatchQuantity(values, normalized, counts, select)
     return out
 
 
 def probe_batch(
-    hidden_states: torch.Tensor,
+    hidden_states: torch.Tensor | Sequence[torch.Tensor],
     roles: torch.Tensor,
     categories: Sequence[str],
     layers: Sequence[int],
     cfg: ProbeConfig,
 ) -> dict[str, QuantityRecords]:
-    """The four quantities for one batch of hidden states ``[n_layers, B, S, d]``, as
-    per-sample records (warning, with layer and quantity, about non-finite values)."""
-    n_layers = hidden_states.shape[0]
+    """The four quantities for one batch of hidden states (``[n_layers, B, S, d]`` or
+    per-layer ``[B, S, d]`` tensors), as per-sample records, with ``cfg``'s estimator
+    (``method``, ``max_gram_bytes``, ``slq``, ``max_tokens``); warns, with layer and
+    quantity, about non-finite values."""
+    n_layers = len(layers)
     records = {q: QuantityRecords.empty(n_layers) for q in QUANTITIES}
     computed = batch_quantities(
-        hidden_states, roles, cfg.alpha, cfg.sigma, cfg.base, cfg.torch_dtype, cfg.layers_per_chunk
+        hidden_states,
+        roles,
+        cfg.alpha,
+        cfg.sigma,
+        cfg.base,
+        cfg.torch_dtype,
+        cfg.layers_per_chunk,
+        method=cfg.method,
+        max_gram_bytes=cfg.max_gram_bytes,
+        slq=cfg.slq_settings,
+        max_tokens=cfg.max_tokens,
     )
     for name, q in computed.items():
         _warn_non_finite(name, q.values, layers)
@@ -482,7 +622,7 @@ def run_probe(
         for chunk in iterator:
             out = adapter.forward(adapter.encode(chunk), layers=layers)
             categories = [str(getattr(e, "category", "default")) for e in chunk]
-            batch_records = probe_batch(out.hidden_states, out.roles, categories, layers, cfg)
+            batch_records = probe_batch(out.hidden_layers, out.roles, categories, layers, cfg)
             for q in QUANTITIES:
                 records[q].extend(batch_records[q])
             del out

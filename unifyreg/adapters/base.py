@@ -35,13 +35,17 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(init=False)
 class ForwardOutput:
     """What every adapter's forward pass returns.
 
-    - ``hidden_states``: ``[len(layers), B, S, d]`` (all ``L + 1`` by default; index 0 of
-      the full stack is the input embeddings) or ``None`` when not asked for;
-    - ``layers``: the layer index of each entry of ``hidden_states``;
+    - ``hidden_layers``: the hidden states as a tuple of ``len(layers)`` tensors
+      ``[B, S, d]`` (all ``L + 1`` by default; index 0 of the full stack is the input
+      embeddings), or ``None`` when not asked for. Adapters pass the model's own per-layer
+      tensors, so no second copy of the batch's hidden states is made;
+    - ``hidden_states``: the same stacked as ``[len(layers), B, S, d]`` (a new tensor at
+      every access; readers that can work layer by layer use ``hidden_layers``);
+    - ``layers``: the layer index of each entry of ``hidden_layers``;
     - ``roles``: ``[B, S]`` int64 :class:`unifyreg.roles.Role` labels;
     - ``text_loss`` / ``image_loss``: mean token cross-entropy over text / image response
       targets (0 when there are none), with ``text_tokens`` / ``image_tokens`` counts;
@@ -49,9 +53,12 @@ class ForwardOutput:
 
     ``task_loss`` is the token-weighted mean over both: ``(text_loss * text_tokens +
     image_loss * image_tokens) / (text_tokens + image_tokens)``.
+
+    The constructor's ``hidden_states`` takes either a stacked ``[n, B, S, d]`` tensor
+    (kept as views of it) or a sequence of ``n`` per-layer ``[B, S, d]`` tensors.
     """
 
-    hidden_states: Tensor | None
+    hidden_layers: tuple[Tensor, ...] | None
     layers: tuple[int, ...]
     roles: Tensor
     text_loss: Tensor
@@ -59,6 +66,41 @@ class ForwardOutput:
     image_loss: Tensor
     image_tokens: Tensor
     logits: Tensor | None = None
+
+    def __init__(
+        self,
+        hidden_states: Tensor | Sequence[Tensor] | None,
+        layers: Sequence[int],
+        roles: Tensor,
+        text_loss: Tensor,
+        text_tokens: Tensor,
+        image_loss: Tensor,
+        image_tokens: Tensor,
+        logits: Tensor | None = None,
+    ) -> None:
+        if hidden_states is None:
+            self.hidden_layers = None
+        elif isinstance(hidden_states, Tensor):
+            self.hidden_layers = tuple(hidden_states.unbind(0))
+        else:
+            self.hidden_layers = tuple(hidden_states)
+        self.layers = tuple(layers)
+        if self.hidden_layers is not None and len(self.hidden_layers) != len(self.layers):
+            raise ValueError(
+                f"{len(self.hidden_layers)} hidden-state tensors for "
+                f"{len(self.layers)} layer indices"
+            )
+        self.roles = roles
+        self.text_loss = text_loss
+        self.text_tokens = text_tokens
+        self.image_loss = image_loss
+        self.image_tokens = image_tokens
+        self.logits = logits
+
+    @property
+    def hidden_states(self) -> Tensor | None:
+        """``[len(layers), B, S, d]``: ``hidden_layers`` stacked (a copy, made per access)."""
+        return None if self.hidden_layers is None else torch.stack(self.hidden_layers)
 
     @property
     def task_loss(self) -> Tensor:

@@ -573,7 +573,7 @@ class TransformersAdapter(Adapter):
         image_loss, image_tokens = _mean_cross_entropy(image_logits, image_labels)
         hidden = None
         if output_hidden_states:
-            hidden = torch.stack([out.hidden_states[i] for i in chosen])
+            hidden = tuple(out.hidden_states[i] for i in chosen)  # no stacked copy
         return ForwardOutput(
             hidden_states=hidden,
             layers=chosen,
