@@ -42,8 +42,10 @@ def test_roles_and_targets_position_by_position(tiny_adapter):
         R.SPECIAL,
         R.SPECIAL,
     ] + [R.PAD] * (len(t2i) - 24)
-    assert understanding[:19] == [R.SPECIAL, R.SPECIAL, *[R.IMAGE_PROMPT] * 16, R.SPECIAL]
-    assert understanding[19:] == [*[R.TEXT_PROMPT] * 6, R.SPECIAL, R.TEXT_RESPONSE, R.SPECIAL]
+    # Layout 2: the question comes before the image it is about.
+    assert understanding[:7] == [R.SPECIAL, *[R.TEXT_PROMPT] * 6]
+    assert understanding[7:25] == [R.SPECIAL, *[R.IMAGE_PROMPT] * 16, R.SPECIAL]
+    assert understanding[25:] == [R.SPECIAL, R.TEXT_RESPONSE, R.SPECIAL]
     assert text[:8] == [R.SPECIAL, *[R.TEXT_PROMPT] * 4, R.SPECIAL, R.TEXT_RESPONSE, R.SPECIAL]
     assert all(r == R.PAD for r in text[8:])
     tok = tiny_adapter.tokenizer

@@ -1,11 +1,14 @@
 """Tests of structured configs, the command line, and the pretrain-toy / eval recipes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from unifyreg.cli import main
 from unifyreg.config import ConfigError, EvalConfig, PretrainToyConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_file_and_overrides_merge_in_order(tmp_path):
@@ -48,6 +51,22 @@ def test_cache_key_tracks_what_changes_the_weights():
     assert base.cache_key() != PretrainToyConfig(max_steps=10).cache_key()
     # Where the cache lives and whether to evaluate do not change the weights.
     assert base.cache_key() == PretrainToyConfig(cache_dir="/elsewhere", evaluate=False).cache_key()
+
+
+def test_the_pretrain_file_builds_the_base_every_other_recipe_uses():
+    # eval / probe / finetune / ablate take the toy base of their `pretrain` section, whose
+    # defaults are the dataclass's: configs/toy/pretrain.yaml must name the same base.
+    from_file = load_config(PretrainToyConfig, ROOT / "configs/toy/pretrain.yaml")
+    assert from_file.cache_key() == PretrainToyConfig().cache_key()
+    assert EvalConfig().pretrain.cache_key() == from_file.cache_key()
+
+
+def test_cache_key_covers_the_toy_sequence_layout(monkeypatch):
+    import unifyreg.config as config_module
+
+    before = PretrainToyConfig().cache_key()
+    monkeypatch.setattr(config_module, "LAYOUT_VERSION", config_module.LAYOUT_VERSION + 1)
+    assert PretrainToyConfig().cache_key() != before
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
@@ -119,8 +138,15 @@ def test_probe_command_writes_tables_figures_and_scores(tmp_path, capsys):
     assert main(["probe", *pretrain, "probe.layers=[0,1,2]", f"output_dir={out_dir}"]) == 0
     printed = capsys.readouterr().out
     assert "unify/encoding_gap = " in printed and "| layer | text:" in printed
-    for name in ("result.json", "summary.json", "table.md", "table.csv", "stats.csv",
-                 "encoding_trajectories.png", "response_trajectories.png"):
+    for name in (
+        "result.json",
+        "summary.json",
+        "table.md",
+        "table.csv",
+        "stats.csv",
+        "encoding_trajectories.png",
+        "response_trajectories.png",
+    ):
         assert (out_dir / name).is_file(), name
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["layers"] == [0, 1, 2]

@@ -2,8 +2,14 @@
 
 Sequence layout (one example, right-padded in training batches):
 
-- text / understanding: ``<bos> [<boi> image-prompt <eoi>] prompt <sep> answer <eos>``
+- text / understanding: ``<bos> prompt [<boi> image-prompt <eoi>] <sep> answer <eos>``
 - t2i / transfer:       ``<bos> prompt <sep> <boi> image-response <eoi> <eos>``
+
+The question comes before the image it is about (layout version 2): every image token can
+then attend to the question, so a small model learns to read single cells (measured with
+the default pretrain config: understanding 100% with this layout against 47-65% with the
+image first; see the README's toy-model section). Changing the layout changes
+:data:`LAYOUT_VERSION`, which is part of the toy-base cache key.
 
 Roles: ``<bos> <sep> <boi> <eoi> <eos>`` are SPECIAL; prompt words TEXT_PROMPT; prompt
 image tokens IMAGE_PROMPT; answer words TEXT_RESPONSE; generated grid tokens
@@ -40,6 +46,11 @@ __all__ = ["ToyAdapter", "ToyModelConfig"]
 
 TARGET_NONE, TARGET_TEXT, TARGET_IMAGE = 0, 1, 2
 ADAPTER_FILE = "unifyreg_toy.json"
+
+
+#: Version of the sequence layout above; part of the toy-base cache key, so a cached base
+#: trained with another layout is never reused.
+LAYOUT_VERSION = 2
 
 
 @dataclass
@@ -176,14 +187,14 @@ class ToyAdapter(Adapter):
 
     def _prompt_part(self, example: Any) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
-        ids, roles = [tok.bos_id], [Role.SPECIAL]
+        words = tok.encode_text(example.prompt_text)
+        ids, roles = [tok.bos_id, *words], [Role.SPECIAL, *[Role.TEXT_PROMPT] * len(words)]
         if example.prompt_image is not None:
             grid = self._grid_tokens(example.prompt_image)
             ids += [tok.boi_id, *grid, tok.eoi_id]
             roles += [Role.SPECIAL, *[Role.IMAGE_PROMPT] * len(grid), Role.SPECIAL]
-        words = tok.encode_text(example.prompt_text)
-        ids += [*words, tok.sep_id]
-        roles += [*[Role.TEXT_PROMPT] * len(words), Role.SPECIAL]
+        ids.append(tok.sep_id)
+        roles.append(Role.SPECIAL)
         return ids, roles
 
     def encode_example(self, example: Any) -> tuple[list[int], list[int], list[int]]:
@@ -274,7 +285,7 @@ class ToyAdapter(Adapter):
         chosen = self.resolve_layers(layers)
         hidden = None
         if output_hidden_states:
-            hidden = torch.stack([out.hidden_states[i] for i in chosen])
+            hidden = tuple(out.hidden_states[i] for i in chosen)  # no stacked copy
         return ForwardOutput(
             hidden_states=hidden,
             layers=chosen,
