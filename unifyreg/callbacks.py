@@ -15,12 +15,19 @@ Logged metric names (``LL`` = the layer index, two digits; step = the global ste
 - ``unify/encoding_gap``, ``unify/response_split``, ``unify/final_gap``: unifyreg's
   scalar scores (see :mod:`unifyreg.probing`);
 - ``probe/epoch``: the epoch label of the probe (0 = before training, e = after e
-  epochs).
+  epochs);
+- ``probe/skipped_examples``: bad lines of the probe-set manifest that were skipped
+  (``on_bad_example=skip``; logged when given).
+
+After logging a probe, every logger is flushed (``logger.save()``), so a run killed later
+keeps the probes it logged; ``probe_history.jsonl`` is rewritten atomically from the
+history, which is the authority when a run is resumed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,7 +42,7 @@ from unifyreg.config import ProbeConfig
 from unifyreg.fileio import atomic_write_text
 from unifyreg.probing import QUANTITIES, ProbeResult, run_probe
 
-__all__ = ["EntropyProbe", "probe_metrics"]
+__all__ = ["EntropyProbe", "LastCheckpoint", "probe_metrics"]
 
 
 def probe_metrics(result: ProbeResult) -> dict[str, float]:
@@ -67,6 +74,8 @@ class EntropyProbe(Callback):
         output_dir: where ``probe_history.jsonl`` and figures go (None: no files).
         adapter: the adapter to probe; None takes ``pl_module.adapter``.
         figures: draw trajectory figures (one curve per epoch), also sent to TensorBoard.
+        skipped_examples: bad probe-set lines skipped when it was read (logged as
+            ``probe/skipped_examples`` with every probe); None: not logged.
 
     Example (plain Lightning)::
 
@@ -89,6 +98,7 @@ class EntropyProbe(Callback):
         output_dir: str | Path | None = None,
         adapter: Any = None,
         figures: bool = True,
+        skipped_examples: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
@@ -106,6 +116,7 @@ class EntropyProbe(Callback):
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.adapter = adapter
         self.figures = figures
+        self.skipped_examples = skipped_examples
         #: One entry per probe: {"epoch", "global_step", "seconds", "metrics", "summary"}.
         self.history: list[dict[str, Any]] = []
 
@@ -153,6 +164,8 @@ class EntropyProbe(Callback):
         seconds = time.perf_counter() - start
         metrics = probe_metrics(result)
         metrics["probe/epoch"] = float(epoch)
+        if self.skipped_examples is not None:
+            metrics["probe/skipped_examples"] = float(self.skipped_examples)
         entry = {
             "epoch": epoch,
             "global_step": int(trainer.global_step),
@@ -164,6 +177,7 @@ class EntropyProbe(Callback):
         self.history.sort(key=lambda e: e["epoch"])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=int(trainer.global_step))
+            logger.save()  # on disk now: a later kill does not lose this probe
         if trainer.is_global_zero:
             self._write_files(trainer, result)
 
@@ -206,3 +220,24 @@ class EntropyProbe(Callback):
                 experiment.add_image(
                     f"figures/{name}", array, global_step=trainer.global_step, dataformats="HWC"
                 )
+
+
+class LastCheckpoint(Callback):
+    """Write a resumable checkpoint to ``path`` at the end of every training epoch,
+    atomically (a staging file renamed into place: a kill leaves the previous one).
+
+    Lightning 2.6's ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes ``last.ckpt``
+    only when training ends, so a run killed in epoch 3 could not resume from epoch 2.
+    List it after :class:`EntropyProbe`, so the checkpoint holds that epoch's probe.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        staging = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(staging)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(staging, self.path)
+        trainer.strategy.barrier("LastCheckpoint")

@@ -2,7 +2,8 @@
 
 Each command has a structured config (``unifyreg.config``): defaults, then the YAML file,
 then the ``key=value`` overrides. A config error stops the command before any work with
-exit code 2 and a message naming the key and the valid choices.
+exit code 2 and a message naming the key and the valid choices; so does a bad manifest
+line (``on_bad_example=error``), with a message naming the file and line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from unifyreg.config import (
     ProbeRunConfig,
     load_config,
 )
+from unifyreg.manifest import ManifestError
 
 __all__ = ["COMMANDS", "main"]
 
@@ -87,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return runner(cfg)
     except ConfigError as error:
         print(f"unifyreg {args.command}: config error: {error}", file=sys.stderr)
+        return 2
+    except ManifestError as error:
+        print(f"unifyreg {args.command}: bad example: {error}", file=sys.stderr)
         return 2
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_directory", "atomic_write_json", "atomic_write_text"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -31,3 +35,26 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     """``atomic_write_text`` of ``data`` as indented JSON."""
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh staging directory next to ``path``; on success it replaces ``path``
+    by renames, so ``path`` is either the old complete directory or the new complete one
+    (a kill between the two renames leaves the old one as ``.<name>.<id>.old``). On an
+    error the staging directory is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    staging = path.with_name(f".{path.name}.{token}.tmp")
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.{token}.old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -6,24 +6,39 @@ DataLoader's ``collate_fn``), ``adapter.forward`` returns the task losses. Extra
 ``term(adapter, batch, output, step) -> (weighted_loss, logs)``.
 
 Logged every step: ``loss/total``, ``loss/task``, ``loss/text``, ``loss/image``,
-``tokens/text``, ``tokens/image``, ``lr``.
+``tokens/text``, ``tokens/image``, ``lr``, ``loss/skipped_steps``; once at the start of
+training: ``data/skipped_examples``.
+
+Reliability (docs/reliability.md):
+
+- a step whose gradients are not finite (NaN/Inf hidden states, an overflow) is skipped:
+  the gradients are dropped before the optimizer runs, so no weight and no optimizer
+  state changes; a ``RuntimeWarning`` names the step and ``loss/skipped_steps`` counts
+  the skipped steps so far (with a ``16-mixed`` gradient scaler, the scaler does this);
+- the shuffle order of an epoch depends only on ``(seed, epoch)``
+  (:class:`EpochRandomSampler`), and the random state of the process and of the loss
+  terms is saved in the checkpoint, so a run resumed from ``last.ckpt`` trains on the
+  same batches, with the same masks, as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from unifyreg.adapters.base import Adapter, ForwardOutput
 from unifyreg.config import LoraSettings, OptimConfig
 
 __all__ = [
+    "EpochRandomSampler",
     "LossTerm",
     "UMMModule",
     "apply_lora",
@@ -62,6 +77,7 @@ class UMMModule(L.LightningModule):
         total_steps: int = 1000,
         loss_terms: Sequence[LossTerm] = (),
         hidden_states_for_terms: bool = False,
+        skipped_train_examples: int | None = None,
     ) -> None:
         super().__init__()
         if total_steps < 1:
@@ -79,10 +95,25 @@ class UMMModule(L.LightningModule):
             t for t in self.loss_terms if isinstance(t, torch.nn.Module)
         )
         self.hidden_states_for_terms = hidden_states_for_terms
+        #: Bad manifest lines skipped when the training data was read (logged once as
+        #: ``data/skipped_examples``; None: not known, nothing logged).
+        self.skipped_train_examples = skipped_train_examples
+        #: Optimizer steps skipped because their gradients were not finite.
+        self.skipped_steps = 0
+        self._step_losses: dict[str, Tensor] = {}
 
     def on_fit_start(self) -> None:
         # from_pretrained leaves models in eval mode; training needs dropout & co. on.
         self.model.train()
+
+    def on_train_start(self) -> None:
+        if self.skipped_train_examples is None:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics(
+                {"data/skipped_examples": float(self.skipped_train_examples)},
+                step=int(self.global_step),
+            )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         want_hidden = self.hidden_states_for_terms and bool(self.loss_terms)
@@ -103,6 +134,7 @@ class UMMModule(L.LightningModule):
                 {k: v.detach() if isinstance(v, Tensor) else v for k, v in term_logs.items()}
             )
         logs["loss/total"] = loss.detach()
+        self._step_losses = {k: v for k, v in logs.items() if k.startswith("loss/")}
         self.log_dict(logs, prog_bar=False, batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         return loss
@@ -134,6 +166,74 @@ class UMMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=False)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            # (A 16-mixed gradient scaler already skips steps with inf/NaN gradients.)
+            self._skip_non_finite_step(optimizer)
+        self.log("loss/skipped_steps", float(self.skipped_steps), prog_bar=False)
+
+    def _skip_non_finite_step(self, optimizer) -> None:
+        """Drop all gradients when any is NaN/Inf, so the optimizer leaves every weight and
+        its own state unchanged (AdamW skips parameters without a gradient). Gradients are
+        already reduced across DDP ranks here, so every rank takes the same decision."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        losses = ", ".join(f"{k}={float(v):.4g}" for k, v in self._step_losses.items())
+        warnings.warn(
+            f"step {self.global_step}: non-finite gradients ({losses}); optimizer step "
+            f"skipped, weights unchanged ({self.skipped_steps} step(s) skipped so far)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    # ------------------------------------------------------------------ resume state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Random state, so a resumed run draws what an uninterrupted one would
+        # (plain tensors and ints: loadable with weights_only=True).
+        checkpoint["unifyreg"] = {
+            "torch_rng": torch.get_rng_state(),
+            "term_rng": [
+                t.get_rng_state() if hasattr(t, "get_rng_state") else None for t in self.loss_terms
+            ],
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("unifyreg")
+        if not state:
+            return
+        torch.set_rng_state(state["torch_rng"])
+        for term, rng in zip(self.loss_terms, state.get("term_rng", []), strict=False):
+            if rng is not None and hasattr(term, "set_rng_state"):
+                term.set_rng_state(rng)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+class EpochRandomSampler(RandomSampler):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch (also after a resume), so
+    epoch e of a resumed run sees the same order as epoch e of an uninterrupted one; a
+    plain ``RandomSampler`` would restart its generator from the seed. It stays a
+    ``RandomSampler``, so under DDP Lightning swaps it for its ``DistributedSampler``
+    (seeded, per-epoch) as before.
+    """
+
+    def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        words = np.random.SeedSequence([self.seed % (1 << 63), self.epoch]).generate_state(2)
+        generator = torch.Generator().manual_seed((int(words[0]) << 32) | int(words[1]))
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 def example_loader(
@@ -143,16 +243,18 @@ def example_loader(
     shuffle: bool,
     seed: int = 0,
 ) -> DataLoader:
-    """A DataLoader over examples that batches with ``adapter.encode`` (seeded shuffle)."""
+    """A DataLoader over examples that batches with ``adapter.encode``; with ``shuffle``,
+    the order of epoch e depends only on ``(seed, e)`` (:class:`EpochRandomSampler`)."""
     if len(examples) == 0:
         raise ValueError("no training examples")
-    generator = torch.Generator().manual_seed(seed)
+    data = list(examples)
     return DataLoader(
-        list(examples),
+        data,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochRandomSampler(data, seed) if shuffle else None,
         collate_fn=adapter.encode,
-        generator=generator if shuffle else None,
+        # Only seeds worker processes; keeps the global random state untouched.
+        generator=torch.Generator().manual_seed(seed),
         drop_last=shuffle and len(examples) >= batch_size,
     )
 

@@ -34,6 +34,7 @@ import numpy as np
 from unifyreg.config import AblateConfig, ArmConfig, to_yaml
 from unifyreg.fileio import atomic_write_json, atomic_write_text
 from unifyreg.probing import QUANTITIES, SCORE_NAMES
+from unifyreg.recipes.common import fit
 from unifyreg.recipes.finetune import build_trainer_parts, resolve_resume
 
 __all__ = ["aggregate", "render_report", "run", "run_arm"]
@@ -53,7 +54,7 @@ def run_arm(cfg: AblateConfig, arm: ArmConfig, seed: int) -> dict[str, Any]:
     ckpt = resolve_resume(ft)
     adapter, module, loader, probe, trainer = build_trainer_parts(ft)
     atomic_write_text(Path(ft.run_dir) / "config.yaml", to_yaml(ft))
-    trainer.fit(module, loader, ckpt_path=ckpt)
+    fit(trainer, module, loader, ckpt)  # weights_only=True
     final = probe.history[-1]
     record: dict[str, Any] = {
         "arm": arm.name,

@@ -10,9 +10,10 @@ Steps, in order:
 4. ``UMMModule``: task loss plus, when ``loss.w_ctx`` or ``loss.w_div`` > 0, the
    contextual-prediction regularizer (:mod:`unifyreg.losses`); AdamW + warm-up/cosine;
 5. callbacks: ``EntropyProbe`` (epoch 0 baseline, then every ``every_n_epochs``),
-   ``ModelCheckpoint`` (``last.ckpt`` every epoch), a progress bar;
+   ``LastCheckpoint`` (``last.ckpt`` after every epoch, atomically), a progress bar;
    loggers: CSV and TensorBoard under ``run_dir``;
-6. ``Trainer.fit`` (``resume=last`` continues from ``run_dir/checkpoints/last.ckpt``);
+6. ``Trainer.fit`` (``resume=last`` continues from ``run_dir/checkpoints/last.ckpt``,
+   loaded with ``weights_only=True``);
 7. save the LoRA adapter (``run_dir/lora``) and, for the toy, a merged model
    (``run_dir/merged``, loadable by ``unifyreg eval model_path=...``).
 
@@ -28,15 +29,20 @@ import copy
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from unifyreg.callbacks import EntropyProbe
+from unifyreg.callbacks import EntropyProbe, LastCheckpoint
 from unifyreg.config import ConfigError, FinetuneConfig, to_yaml
-from unifyreg.fileio import atomic_write_text
+from unifyreg.fileio import atomic_directory, atomic_write_text
 from unifyreg.losses import ContextualPredictionLoss
 from unifyreg.module import UMMModule, apply_lora, example_loader, trainable_parameter_count
-from unifyreg.recipes.common import load_adapter, load_probe_set, load_training_examples
+from unifyreg.recipes.common import (
+    drop_examples_that_do_not_fit,
+    fit,
+    load_adapter,
+    load_probe_set,
+    load_training_examples,
+)
 from unifyreg.recipes.pretrain_toy import progress_bar
 
 __all__ = ["build_trainer_parts", "resolve_resume", "run"]
@@ -64,8 +70,22 @@ def build_trainer_parts(cfg: FinetuneConfig):
     run_dir = Path(cfg.run_dir)
     world = cfg.pretrain.world
     train_examples, skipped_train = load_training_examples(cfg.data, world, cfg.on_bad_example)
-    probe_examples, _ = load_probe_set(cfg.probe_set, world, cfg.on_bad_example)
+    probe_examples, skipped_probe = load_probe_set(cfg.probe_set, world, cfg.on_bad_example)
     adapter = load_adapter(cfg.model, cfg.pretrain)
+    # Manifest examples the model cannot take (too long, say) stop the run here, naming
+    # file:line, or are skipped and counted; the counts are logged (data/skipped_examples,
+    # probe/skipped_examples).
+    train_examples, too_long = drop_examples_that_do_not_fit(
+        adapter, train_examples, cfg.on_bad_example, "data"
+    )
+    skipped_train += too_long
+    probe_examples, too_long = drop_examples_that_do_not_fit(
+        adapter, probe_examples, cfg.on_bad_example, "probe_set"
+    )
+    skipped_probe += too_long
+    for key, count in (("data", skipped_train), ("probe_set", skipped_probe)):
+        if count:
+            print(f"{key}: {count} bad example(s) skipped (on_bad_example=skip)")
     if cfg.lora.enabled:
         apply_lora(adapter, cfg.lora)
     loader = example_loader(adapter, train_examples, cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -80,6 +100,7 @@ def build_trainer_parts(cfg: FinetuneConfig):
         total_steps=total_steps,
         loss_terms=loss_terms,
         hidden_states_for_terms=cfg.loss.w_div > 0,
+        skipped_train_examples=skipped_train if cfg.data != "toy" else None,
     )
     probe = EntropyProbe(
         probe_examples,
@@ -87,6 +108,7 @@ def build_trainer_parts(cfg: FinetuneConfig):
         every_n_epochs=cfg.every_n_epochs,
         probe_at_start=cfg.probe_at_start,
         output_dir=run_dir / "probe",
+        skipped_examples=skipped_probe if cfg.probe_set != "toy" else None,
     )
     loggers = []
     if "csv" in cfg.loggers:
@@ -105,34 +127,32 @@ def build_trainer_parts(cfg: FinetuneConfig):
         strategy=cfg.strategy,
         precision=cfg.precision,
         logger=loggers or False,
-        callbacks=[
-            probe,
-            ModelCheckpoint(
-                dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
-            ),
-            progress_bar(),
-        ],
+        # last.ckpt after every epoch, after the probe (so it holds that epoch's probe).
+        callbacks=[probe, LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"), progress_bar()],
+        enable_checkpointing=False,  # no other checkpoint files
         gradient_clip_val=cfg.optim.grad_clip or None,
         log_every_n_steps=min(50, steps_per_epoch),
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
-    module.skipped_train_examples = skipped_train
     return adapter, module, loader, probe, trainer
 
 
 def save_outputs(adapter, cfg: FinetuneConfig) -> dict[str, Path]:
-    """Save the LoRA weights (peft ``save_pretrained``) and, for the toy, a merged model."""
+    """Save the LoRA weights (peft ``save_pretrained``, safetensors) and, for the toy, a
+    merged model; each directory is staged and renamed into place (atomic)."""
     run_dir = Path(cfg.run_dir)
     paths = {}
     if cfg.lora.enabled:
-        adapter.model.save_pretrained(run_dir / "lora")
+        with atomic_directory(run_dir / "lora") as staging:
+            adapter.model.save_pretrained(staging, safe_serialization=True)
         paths["lora"] = run_dir / "lora"
     if cfg.model.adapter == "toy":
         merged = copy.copy(adapter)
         model = copy.deepcopy(adapter.model)
         merged.model = model.merge_and_unload() if cfg.lora.enabled else model
-        merged.save(run_dir / "merged")
+        with atomic_directory(run_dir / "merged") as staging:
+            merged.save(staging)
         paths["merged"] = run_dir / "merged"
     return paths
 
@@ -149,7 +169,7 @@ def run(cfg: FinetuneConfig) -> int:
         f"{trainable:,} of {total:,} parameters trainable -> {run_dir}"
         + (f" (resuming from {ckpt_path})" if ckpt_path else "")
     )
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    fit(trainer, module, loader, ckpt_path)  # a checkpoint loads with weights_only=True
     paths = save_outputs(adapter, cfg)
     for entry in probe.history:
         scores = {

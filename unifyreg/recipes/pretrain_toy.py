@@ -25,6 +25,7 @@ from unifyreg.adapters.toy import ToyAdapter
 from unifyreg.config import PretrainToyConfig, to_yaml
 from unifyreg.fileio import atomic_write_json, atomic_write_text
 from unifyreg.module import UMMModule, example_loader
+from unifyreg.recipes.common import fit
 from unifyreg.toy.evaluation import accuracy_table, evaluate_examples
 from unifyreg.toy.splits import build_splits
 from unifyreg.toy.tokenizer import WordTokenizer
@@ -110,7 +111,7 @@ def _train_toy_base(cfg: PretrainToyConfig, final: Path, log) -> Path:
         + (f" (resuming from {resume})" if resume.is_file() else "")
     )
     start = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
+    fit(trainer, module, loader, str(resume) if resume.is_file() else None)
     train_seconds = time.perf_counter() - start
 
     staged = partial / "model"
