@@ -71,28 +71,63 @@ def test_contextual_prediction_masks_only_image_response_inputs(tiny_adapter, ti
         hook = kwargs["embedding_hook"]
         plain = tiny_adapter.input_embeddings(batch)
         seen["changed"] = (hook(plain, batch) != plain).any(-1)
+        seen["roles"] = batch["roles"]
         return original(batch, **kwargs)
 
-    loss = ContextualPredictionLoss(LossConfig(w_ctx=1.0, mask_ratio=0.9), tiny_adapter.hidden_size)
+    config = LossConfig(w_ctx=1.0, mask_ratio=0.9, ctx_row_fraction=1.0)
+    loss = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
     tiny_adapter.forward = spy
     try:
         ctx, tokens = loss.contextual_prediction(tiny_adapter, batch)
     finally:
         tiny_adapter.forward = original
-    image_positions = batch["roles"] == R.IMAGE_RESPONSE
+    # Only the two drawing rows (the ones with image responses) run the second pass.
+    assert seen["roles"].shape[0] == 2
+    image_positions = seen["roles"] == R.IMAGE_RESPONSE
     assert seen["changed"].any()
     assert not (seen["changed"] & ~image_positions).any()
-    assert int(tokens) == int(image_positions.sum()) and torch.isfinite(ctx)
+    assert int(tokens) == int((batch["roles"] == R.IMAGE_RESPONSE).sum()) and torch.isfinite(ctx)
     ctx.backward()
     assert loss.mask_embedding.grad is not None and loss.mask_embedding.grad.abs().sum() > 0
 
 
 def test_contextual_prediction_with_no_masking_equals_the_image_loss(tiny_adapter, tiny_splits):
     batch = tiny_adapter.encode(tiny_splits["probe/text/deductive"][:3])
-    loss = ContextualPredictionLoss(LossConfig(w_ctx=1.0, mask_ratio=0.0), tiny_adapter.hidden_size)
+    config = LossConfig(w_ctx=1.0, mask_ratio=0.0, ctx_row_fraction=1.0)
+    loss = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
     ctx, _ = loss.contextual_prediction(tiny_adapter, batch)
     plain = tiny_adapter.forward(batch, output_hidden_states=False)
     torch.testing.assert_close(ctx, plain.image_loss)
+
+
+def test_ctx_runs_on_a_trimmed_random_subset_of_the_image_rows(tiny_adapter, tiny_splits):
+    drawing = tiny_splits["probe/text/deductive"][:3] + tiny_splits["probe/text/inductive"][:3]
+    reading = tiny_splits["probe/image/logical"][:3] + tiny_splits["probe/image/coarse"][:3]
+    examples = [e for pair in zip(drawing, reading, strict=True) for e in pair]  # interleaved
+    batch = tiny_adapter.encode(examples)
+    image_rows = (batch["roles"] == R.IMAGE_RESPONSE).any(dim=1)
+    config = LossConfig(w_ctx=1.0, mask_ratio=0.0, ctx_row_fraction=0.25)  # ceil(3) rows of 12
+    loss = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
+    chosen = set()
+    for _ in range(6):
+        rows = loss.context_rows(batch)
+        assert rows["roles"].shape[0] == 3
+        assert (rows["roles"] == R.IMAGE_RESPONSE).any(dim=1).all()
+        # trimmed: the longest kept row fills the width exactly
+        assert (rows["roles"] != R.PAD).sum(dim=1).max() == rows["roles"].shape[1]
+        for name in ("input_ids", "attention_mask", "target_kind"):
+            assert rows[name].shape == rows["roles"].shape
+        chosen.add(tuple(rows["input_ids"][:, 1].tolist()))
+    assert len(chosen) > 1  # a fresh draw each step
+    assert int(image_rows.sum()) == 6
+    # With nothing masked, L_ctx is the image loss of exactly the kept rows.
+    generator_state = loss.get_rng_state()
+    rows = loss.context_rows(batch)
+    loss.set_rng_state(generator_state)
+    ctx, tokens = loss.contextual_prediction(tiny_adapter, batch)
+    plain = tiny_adapter.forward(rows, output_hidden_states=False)
+    torch.testing.assert_close(ctx, plain.image_loss)
+    assert int(tokens) == 3 * 16
 
 
 def test_text_only_batch_gives_zero_ctx_term(tiny_adapter, tiny_splits):
@@ -144,6 +179,7 @@ def test_a_training_step_adds_weighted_terms_and_updates_the_mask_embedding(
         ("loss.w_ctx=-1", "loss.w_ctx must be a finite number >= 0"),
         ("loss.w_div=inf", "loss.w_div must be a finite number >= 0"),
         ("loss.mask_ratio=1.0", r"loss.mask_ratio must be in \[0, 1\)"),
+        ("loss.ctx_row_fraction=0", r"loss.ctx_row_fraction must be in \(0, 1\]"),
         ("loss.div_alpha=0", "loss.div_alpha must be > 0"),
         ("loss.div_parts=[style]", "loss.div_parts must be a non-empty subset"),
         ("loss.warmup_steps=-3", "loss.warmup_steps must be >= 0"),
@@ -173,7 +209,8 @@ def test_all_weights_zero_equals_the_baseline_exactly(tiny_adapter, tiny_splits)
 def test_ctx_masks_image_positions_at_the_configured_ratio(tiny_adapter, tiny_splits):
     examples = [e for k, v in tiny_splits.items() if k.startswith("probe/text/") for e in v]
     batch = tiny_adapter.encode(examples)
-    loss = ContextualPredictionLoss(LossConfig(w_ctx=1.0, mask_ratio=0.3), tiny_adapter.hidden_size)
+    config = LossConfig(w_ctx=1.0, mask_ratio=0.3, ctx_row_fraction=1.0)
+    loss = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
     fractions = []
     original = tiny_adapter.forward
 

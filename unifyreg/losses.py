@@ -16,6 +16,12 @@ A causal model can no longer copy its previous image tokens where they are maske
 must lean on the prompt and on the visible context: prediction from context, as Harmon's
 masked autoregression does.
 
+``L_ctx`` costs a second forward and backward pass, so it runs on a sub-batch: only rows
+that hold image-response tokens (the others would contribute nothing), at most
+``ceil(ctx_row_fraction * B)`` of them drawn at random each step, with the padding
+columns no kept row needs trimmed. The mean over image targets stays an unbiased
+estimate; ``ctx_row_fraction = 1`` scores every image row of the batch.
+
 **Cross-modal divergence** ``L_div`` — on the batch's own hidden states, at the layers
 ``div_layers``, with the probe's quantities (:func:`unifyreg.probing.batch_quantities`,
 Renyi order ``div_alpha``, 2 by default: no eigendecomposition, smooth gradients;
@@ -26,10 +32,14 @@ median bandwidth, detached), length-normalised and averaged over the batch's sam
 ``Ht, Hi``: text / image prompt entropy; ``Ct, Ci``: text / image response proxy. A part
 whose two sides are not both in the batch contributes 0 without error; a non-finite
 value contributes 0 too. ``loss/div_parts`` logs how many parts contributed, and
-``loss/ctx_tokens`` how many image tokens ``L_ctx`` scored.
+``loss/ctx_tokens`` how many image tokens ``L_ctx`` scored (0 when the batch has none or
+``L_ctx`` is not finite: the term added 0).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,18 +58,20 @@ _PARTS = {
 
 
 def divergence_loss(
-    hidden_states: Tensor,
+    hidden_states: Tensor | Sequence[Tensor],
     roles: Tensor,
     alpha: float = 2.0,
     parts: tuple[str, ...] = ("encoding", "response"),
 ) -> tuple[Tensor, int]:
-    """``(L_div, number of parts that contributed)`` on ``hidden_states`` ``[n, B, S, d]``.
+    """``(L_div, number of parts that contributed)`` on ``hidden_states`` ``[n, B, S, d]``
+    (or a sequence of ``n`` tensors ``[B, S, d]``, e.g. some of
+    :attr:`ForwardOutput.hidden_layers`, without a stacked copy).
 
     See the module docstring for the formula. Differentiable in ``hidden_states``.
     """
     wanted = [q for part in parts for q in _PARTS[part]]
     values = batch_quantities(hidden_states, roles, alpha=alpha, quantities=wanted)
-    total = hidden_states.new_zeros((), dtype=torch.float64)
+    total = roles.new_zeros((), dtype=torch.float64)
     used = 0
     for part in parts:
         text, image = _PARTS[part]
@@ -95,6 +107,14 @@ class ContextualPredictionLoss(nn.Module):
         self.mask_embedding = nn.Parameter(0.02 * torch.randn(hidden_size, generator=generator))
         self._generator = torch.Generator().manual_seed(seed + 1)
 
+    def get_rng_state(self) -> Tensor:
+        """State of the mask generator (saved in checkpoints, so a resumed run draws the
+        same masks as an uninterrupted one)."""
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: Tensor) -> None:
+        self._generator.set_state(state)
+
     @property
     def needs_hidden_states(self) -> bool:
         return self.config.w_div > 0
@@ -105,8 +125,40 @@ class ContextualPredictionLoss(nn.Module):
             return base
         return base * min(1.0, step / self.config.warmup_steps)
 
+    def context_rows(self, batch: dict) -> dict | None:
+        """The sub-batch ``L_ctx`` runs on (see the module docstring), or None when the
+        batch has no image-response token. Rows keep their batch order."""
+        roles = batch["roles"]
+        size, length = roles.shape
+        has_image = torch.nonzero((roles == int(Role.IMAGE_RESPONSE)).any(dim=1)).flatten()
+        if has_image.numel() == 0:
+            return None
+        keep = max(1, math.ceil(self.config.ctx_row_fraction * size))
+        if has_image.numel() > keep:
+            order = torch.randperm(has_image.numel(), generator=self._generator)
+            has_image = has_image[order[:keep]].sort().values
+        if has_image.numel() == size:
+            return batch
+        # Right-padded batches (every adapter's training layout): columns past the longest
+        # kept row are padding for all of them.
+        width = int((roles[has_image] != int(Role.PAD)).sum(dim=1).max())
+        rows = {}
+        for name, value in batch.items():
+            if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == size:
+                value = value[has_image]
+                if value.ndim == 2 and value.shape[1] == length:
+                    value = value[:, :width]
+            rows[name] = value
+        return rows
+
     def contextual_prediction(self, adapter: Adapter, batch: dict) -> tuple[Tensor, Tensor]:
-        """``(L_ctx, image tokens scored)`` with a fresh random mask of image inputs."""
+        """``(L_ctx, image tokens scored)`` with a fresh random mask of image inputs, on
+        :meth:`context_rows` of the batch."""
+        sub_batch = self.context_rows(batch)
+        if sub_batch is None:
+            zero = self.mask_embedding.new_zeros(())
+            return zero, torch.zeros((), dtype=torch.long)
+        batch = sub_batch
         roles = batch["roles"]
         draw = torch.rand(roles.shape, generator=self._generator)
         masked = (roles == int(Role.IMAGE_RESPONSE)) & (draw < self.config.mask_ratio)
@@ -128,17 +180,22 @@ class ContextualPredictionLoss(nn.Module):
             ctx, tokens = self.contextual_prediction(adapter, batch)
             if tokens > 0 and torch.isfinite(ctx):
                 total = total + self.weight(cfg.w_ctx, step) * ctx
+            else:  # no image token, or a non-finite value: the term adds 0 and says so
+                tokens = torch.zeros_like(tokens)
             logs["loss/ctx"] = ctx.detach()
             logs["loss/ctx_tokens"] = tokens.float()
         if cfg.w_div > 0:
-            if output.hidden_states is None:
+            if output.hidden_layers is None:  # (hidden_states would stack a copy)
                 raise ValueError(
                     "L_div needs hidden states: build UMMModule with hidden_states_for_terms=True"
                 )
             layers = list(cfg.div_layers) or list(range(len(output.layers)))
             index = [output.layers.index(layer) if layer >= 0 else layer for layer in layers]
             div, used = divergence_loss(
-                output.hidden_states[index], output.roles, cfg.div_alpha, tuple(cfg.div_parts)
+                [output.hidden_layers[i] for i in index],
+                output.roles,
+                cfg.div_alpha,
+                tuple(cfg.div_parts),
             )
             total = total + self.weight(cfg.w_div, step) * div.to(total.dtype)
             logs["loss/div"] = div.detach()

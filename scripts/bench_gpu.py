@@ -1,0 +1,229 @@
+"""Benchmark: the entropy estimators on a CUDA GPU (float64 vs float32, exact vs SLQ).
+
+The GPU half of issue 8's tables. For every (n tokens, d width) of the grid, the
+alpha = 1.01 entropy (median bandwidth, bits) of all 24 layers of synthetic hidden states
+(the same generator as ``scripts/bench_estimators_approx.py``: isotropic at the bottom,
+strongly anisotropic at the top, shared massive activations) is computed by
+
+- ``exact64``: :func:`unifyreg.estimators.matrix_entropy` in float64 (one batched Gram
+  and one batched ``eigvalsh`` over the 24 layers);
+- ``exact32``: the same in float32 (the accuracy column compares it with ``exact64``);
+- ``chunked64``: :func:`unifyreg.estimators.matrix_entropy_chunked`, float64, with a
+  1 GiB Gram budget (bounded memory; equal to ``exact64`` to round-off);
+- ``slq``: :func:`unifyreg.estimators.matrix_entropy_slq`, default ``SLQSettings``
+  (float32 Gram).
+
+Time: CUDA-synchronised wall time, best of ``--repeats`` after one warm-up call. Peak
+memory: ``torch.cuda.max_memory_allocated`` during the call minus the allocation before
+it (the input stays resident), i.e. the call's extra device memory. Relative error:
+``max_l |H - H_exact64| / H_exact64``.
+
+With ``--probe``, also the whole-model probe of ``scripts/bench_probe.py`` on the GPU: a
+24-layer, d = 1024 random Llama on ``--prompts`` examples of ~600 words, the model in
+float32 and in bfloat16 (the probe casts hidden states to its estimator dtype), seconds
+per probe and peak extra device memory against one batch's hidden states.
+
+Usage: ``python scripts/bench_gpu.py [--quick] [--repeats 3] [--probe] [--json FILE]``.
+Needs a CUDA device; exits with a message otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unifyreg.estimators import matrix_entropy, matrix_entropy_chunked, matrix_entropy_slq
+
+ALPHA = 1.01
+GiB = 2**30
+GRID = [(n, d) for n in (576, 1152, 2304, 4096) for d in (1024, 2048)]
+QUICK_GRID = [(576, 1024), (2304, 1024)]
+METHODS = ("exact64", "exact32", "chunked64", "slq")
+
+
+def _load_sibling(name: str):
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def call(method: str, Z: torch.Tensor) -> torch.Tensor:
+    """One estimator call on ``Z`` ``[L, n, d]`` (float32 on the device)."""
+    if method == "exact64":
+        return matrix_entropy(Z, alpha=ALPHA, dtype=torch.float64)
+    if method == "exact32":
+        return matrix_entropy(Z, alpha=ALPHA, dtype=torch.float32)
+    if method == "chunked64":
+        return matrix_entropy_chunked(Z, alpha=ALPHA, max_gram_bytes=GiB)
+    if method == "slq":
+        return matrix_entropy_slq(Z, alpha=ALPHA, max_gram_bytes=GiB)
+    raise ValueError(method)
+
+
+def timed(fn, repeats: int) -> tuple[float, float, torch.Tensor]:
+    """(best seconds, peak extra bytes, output) of ``fn`` on the current CUDA device."""
+    out = fn()  # warm-up: cuSOLVER/cuBLAS handles and workspaces
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    best = math.inf
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() - base
+    return best, peak, out
+
+
+def estimator_table(grid, repeats: int) -> list[dict]:
+    approx = _load_sibling("bench_estimators_approx")
+    layers = list(range(approx.TOTAL_LAYERS))
+    print(
+        "| n | d | exact f64 (s, 24 layers) | exact f64 peak (MB) | exact f32 (s) "
+        "| exact f32 max rel. err. | chunked f64 (s) | chunked peak (MB) | SLQ (s) "
+        "| SLQ peak (MB) | SLQ max rel. err. | SLQ speedup vs f64 | SLQ speedup vs f32 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for n, d in grid:
+        Z = approx.hidden_like(n, d, layers).cuda()
+        with torch.no_grad():
+            result = {m: timed(functools.partial(call, m, Z), repeats) for m in METHODS}
+        exact = result["exact64"][2].double().cpu().numpy()
+        rel = {
+            m: float(np.max(np.abs(result[m][2].double().cpu().numpy() - exact) / np.abs(exact)))
+            for m in METHODS
+        }
+        row = dict(
+            n=n,
+            d=d,
+            **{f"{m}_s": result[m][0] for m in METHODS},
+            **{f"{m}_peak_mb": result[m][1] / 2**20 for m in METHODS},
+            **{f"{m}_max_rel_error": rel[m] for m in METHODS},
+        )
+        rows.append(row)
+        print(
+            f"| {n} | {d} | {row['exact64_s']:.3f} | {row['exact64_peak_mb']:.0f} "
+            f"| {row['exact32_s']:.3f} | {100 * rel['exact32']:.2g} % "
+            f"| {row['chunked64_s']:.3f} | {row['chunked64_peak_mb']:.0f} "
+            f"| {row['slq_s']:.3f} | {row['slq_peak_mb']:.0f} | {100 * rel['slq']:.3f} % "
+            f"| {row['exact64_s'] / row['slq_s']:.1f} | {row['exact32_s'] / row['slq_s']:.1f} |",
+            flush=True,
+        )
+        del Z
+        torch.cuda.empty_cache()
+    return rows
+
+
+def probe_table(prompts: int, batch_size: int, prompt_words: int) -> list[dict]:
+    """The whole-model probe on the GPU, model in float32 and bfloat16."""
+    from unifyreg.config import ProbeConfig
+    from unifyreg.probing import run_probe
+
+    bench = _load_sibling("bench_probe")
+    rows = []
+    print(
+        "\n| model dtype | prompts | batch | seconds per probe | forward share "
+        "| peak extra (MB) | one batch's hidden states (MB) | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        spec = dict(grid=8, hidden=1024, layers=24, heads=16, intermediate=2816,
+                    prompt_words=prompt_words)  # fmt: skip
+        adapter, tokenizer = bench.build_adapter(spec)
+        adapter.model.to(device="cuda", dtype=dtype)
+        examples = bench.build_examples(prompts, prompt_words, tokenizer.words, 8, seed=0)
+        cfg = ProbeConfig(batch_size=batch_size)
+        forward_time = [0.0]
+        original = adapter.forward
+
+        def forward(*args, original=original, forward_time=forward_time, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            torch.cuda.synchronize()
+            forward_time[0] += time.perf_counter() - start
+            return out
+
+        adapter.forward = forward
+        run_probe(adapter, examples[:batch_size], cfg)  # warm-up
+        torch.cuda.synchronize()
+        forward_time[0] = 0.0
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        run_probe(adapter, examples, cfg)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() - base
+        batch = adapter.encode(examples[:batch_size])
+        seq = batch["input_ids"].shape[1]
+        layers = adapter.num_layers + 1
+        hidden_bytes = (
+            layers * batch_size * seq * adapter.hidden_size * (torch.finfo(dtype).bits // 8)
+        )
+        row = dict(
+            dtype=str(dtype).removeprefix("torch."),
+            prompts=prompts,
+            batch_size=batch_size,
+            seconds=seconds,
+            forward_seconds=forward_time[0],
+            peak_extra_mb=peak / 2**20,
+            hidden_states_mb=hidden_bytes / 2**20,
+        )
+        rows.append(row)
+        print(
+            f"| {row['dtype']} | {prompts} | {batch_size} | {seconds:.2f} "
+            f"| {100 * forward_time[0] / seconds:.0f} % | {row['peak_extra_mb']:.0f} "
+            f"| {row['hidden_states_mb']:.0f} | {peak / hidden_bytes:.2f} |",
+            flush=True,
+        )
+        del adapter
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two sizes only")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--probe", action="store_true", help="also the whole-model probe")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--prompt-words", type=int, default=600)
+    parser.add_argument("--skip-estimators", action="store_true")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA device; none is visible.", file=sys.stderr)
+        return 2
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"Device: {props.name}, {props.total_memory / GiB:.0f} GiB, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}\n"
+    )
+    out: dict = {"device": props.name, "torch": torch.__version__}
+    if not args.skip_estimators:
+        out["estimators"] = estimator_table(QUICK_GRID if args.quick else GRID, args.repeats)
+    if args.probe:
+        out["probe"] = probe_table(args.prompts, args.batch_size, args.prompt_words)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
