@@ -53,6 +53,13 @@ def test_finetune_logs_unification_metrics_every_epoch(tmp_path, tiny_base_overr
     ):
         assert name in scalars, name
     assert [e.step for e in events.Scalars("unify/encoding_gap")] == [0, 6, 12, 18]
+    # What each probe cost; its share of the epoch it follows (none before training).
+    assert [e.step for e in events.Scalars("probe/seconds")] == [0, 6, 12, 18]
+    shares = [e.value for e in events.Scalars("probe/epoch_share")]
+    assert len(shares) == 3 and all(0 < share < 1 for share in shares)
+    history = [json.loads(x) for x in (run_dir / "probe/probe_history.jsonl").open()]
+    assert "probe/epoch_share" not in history[0]["cost"]
+    assert history[-1]["cost"]["probe/seconds"] >= history[-1]["seconds"] > 0
     assert "figures/encoding_text_by_epoch" in events.Tags()["images"]
 
     probe_dir = run_dir / "probe"
@@ -89,6 +96,7 @@ def test_resume_from_a_missing_checkpoint_is_a_config_error(tmp_path, capsys):
         ({"every_n_epochs": 0}, "every_n_epochs must be >= 1"),
         ({"every_n_epochs": 1.5}, "every_n_epochs must be an integer"),
         ({"probe": {"alpha": 1.01}}, "probe must be a ProbeConfig"),
+        ({"figures": "sometimes"}, "figures must be one of end, every, never"),
     ],
 )
 def test_entropy_probe_validates_its_arguments(kwargs, message, tiny_splits):

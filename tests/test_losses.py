@@ -180,6 +180,8 @@ def test_a_training_step_adds_weighted_terms_and_updates_the_mask_embedding(
         ("loss.w_div=inf", "loss.w_div must be a finite number >= 0"),
         ("loss.mask_ratio=1.0", r"loss.mask_ratio must be in \[0, 1\)"),
         ("loss.ctx_row_fraction=0", r"loss.ctx_row_fraction must be in \(0, 1\]"),
+        ("loss.div_dtype=float16", "loss.div_dtype must be 'float32' or 'float64'"),
+        ("probe_figures=often", "probe_figures must be one of end, every, never"),
         ("loss.div_alpha=0", "loss.div_alpha must be > 0"),
         ("loss.div_parts=[style]", "loss.div_parts must be a non-empty subset"),
         ("loss.warmup_steps=-3", "loss.warmup_steps must be >= 0"),
@@ -250,6 +252,34 @@ def test_a_few_steps_on_l_div_alone_reduce_the_divergence(tiny_adapter, tiny_spl
         optimizer.step()
     after = divergence().item()
     assert values[1] < values[0] and after < 0.8 * values[0]
+
+
+def test_l_div_in_float32_matches_float64_and_ignores_autocast(tiny_adapter, tiny_splits):
+    batch = _mixed_batch(tiny_adapter, tiny_splits)
+    results = {}
+    for name, dtype, autocast in (
+        ("f64", torch.float64, False),
+        ("f32", torch.float32, False),
+        ("f32 autocast", torch.float32, True),
+    ):
+        tiny_adapter.model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = tiny_adapter.forward(batch)
+        hidden = [h.float() for h in out.hidden_layers]  # the model's part in float32
+        value, used = divergence_loss(hidden, out.roles, dtype=dtype)
+        value.backward()
+        params = [p for p in tiny_adapter.model.parameters() if p.grad is not None]
+        grad = torch.cat([p.grad.flatten() for p in params])
+        results[name] = (value.detach(), grad.clone(), used)
+    (v64, g64, used64), (v32, g32, used32) = results["f64"], results["f32"]
+    assert used64 == used32 == 2 and v32.dtype == torch.float64
+    # The documented tolerance of the float32 default: 1e-4 relative on the value.
+    assert abs(v32 - v64) <= 1e-4 * abs(v64)
+    assert torch.nn.functional.cosine_similarity(g32, g64, dim=0) > 0.999
+    # Autocast changes the model's forward, not the estimator: its L_div is computed in
+    # float32 from (bf16-rounded) hidden states and stays finite and positive.
+    v_auto = results["f32 autocast"][0]
+    assert torch.isfinite(v_auto) and v_auto > 0
 
 
 def test_gradients_are_finite_under_bf16_autocast(tiny_adapter, tiny_splits):

@@ -201,3 +201,24 @@ def test_probe_command_runs_on_real_adapters_through_the_cli(family, tmp_path, t
     }
     assert set(result.scores()) == {"encoding_gap", "response_split", "final_gap"}
     assert all(np.isfinite(r.values).all() for r in result.records.values())
+
+
+def test_auto_layers_per_chunk_bounds_the_gathered_bytes():
+    from unifyreg.probing import AUTO_CHUNK_FLOOR_BYTES, auto_layers_per_chunk
+
+    small = torch.zeros(16, 30, 128)  # a toy batch: every layer fits the floor at once
+    assert auto_layers_per_chunk(small) == AUTO_CHUNK_FLOOR_BYTES // (2 * small.numel() * 8)
+    assert auto_layers_per_chunk(small) >= 25
+    large = torch.zeros(16, 669, 1024)  # a real-width batch: one layer at a time
+    assert auto_layers_per_chunk(large) == 1
+    # float32 estimators halve the per-layer bytes, so twice the layers fit the floor
+    assert auto_layers_per_chunk(small, torch.float32) == 2 * auto_layers_per_chunk(small)
+
+
+def test_auto_chunking_gives_the_values_of_one_layer_at_a_time(tiny_adapter, probe_examples):
+    auto = run_probe(tiny_adapter, probe_examples[:12], ProbeConfig(batch_size=6))
+    single = run_probe(
+        tiny_adapter, probe_examples[:12], ProbeConfig(batch_size=6, layers_per_chunk=1)
+    )
+    for q in QUANTITIES:
+        np.testing.assert_allclose(auto.records[q].values, single.records[q].values, atol=1e-9)

@@ -234,6 +234,8 @@ def test_sigkill_mid_epoch_then_resume_last_equals_an_uninterrupted_run(
     probe_epochs = sorted(v for (_, k), v in logged.items() if k == "probe/epoch")
     assert probe_epochs == [0, 1, 2, 3]
     for slot, value in reference.items():
+        if slot[1] in ("probe/seconds", "probe/epoch_share"):  # wall-clock timings
+            continue
         assert logged[slot] == pytest.approx(value, rel=0, abs=1e-9), slot
 
 

@@ -38,7 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from unifyreg.config import ProbeConfig
+from unifyreg.config import FIGURE_SCHEDULES, ProbeConfig
 from unifyreg.fileio import atomic_write_text
 from unifyreg.probing import QUANTITIES, ProbeResult, run_probe
 
@@ -73,7 +73,10 @@ class EntropyProbe(Callback):
         probe_at_start: also probe before training (epoch label 0).
         output_dir: where ``probe_history.jsonl`` and figures go (None: no files).
         adapter: the adapter to probe; None takes ``pl_module.adapter``.
-        figures: draw trajectory figures (one curve per epoch), also sent to TensorBoard.
+        figures: when to draw the trajectory figures (one curve per probed epoch, also
+            sent to TensorBoard): ``"end"`` (once, when fitting ends: the cheapest),
+            ``"every"`` (after every probe; ``True`` means this) or ``"never"``
+            (``False``).
         skipped_examples: bad probe-set lines skipped when it was read (logged as
             ``probe/skipped_examples`` with every probe); None: not logged.
 
@@ -97,10 +100,16 @@ class EntropyProbe(Callback):
         probe_at_start: bool = True,
         output_dir: str | Path | None = None,
         adapter: Any = None,
-        figures: bool = True,
+        figures: bool | str = "end",
         skipped_examples: int | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(figures, bool):
+            figures = "every" if figures else "never"
+        if figures not in FIGURE_SCHEDULES:
+            raise ValueError(
+                f"figures must be one of {', '.join(FIGURE_SCHEDULES)} (or a bool), got {figures!r}"
+            )
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
             raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
         if every_n_epochs < 1:
@@ -126,10 +135,24 @@ class EntropyProbe(Callback):
         if self.probe_at_start and not self._has_epoch(0):
             self._probe(trainer, pl_module, epoch=0)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if epoch % self.every_n_epochs == 0 and not self._has_epoch(epoch):
-            self._probe(trainer, pl_module, epoch=epoch)
+            started = getattr(self, "_epoch_started", None)
+            train_seconds = None if started is None else time.perf_counter() - started
+            self._probe(trainer, pl_module, epoch=epoch, train_seconds=train_seconds)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self.figures == "end"
+            and self.history
+            and self.output_dir is not None
+            and trainer.is_global_zero
+        ):
+            self._draw_figures(trainer)
 
     # ------------------------------------------------------------------ state
 
@@ -152,7 +175,13 @@ class EntropyProbe(Callback):
             )
         return adapter
 
-    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+    def _probe(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        epoch: int,
+        train_seconds: float | None = None,
+    ) -> None:
         adapter = self._resolve_adapter(pl_module)
         start = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
@@ -177,9 +206,20 @@ class EntropyProbe(Callback):
         self.history.sort(key=lambda e: e["epoch"])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=int(trainer.global_step))
-            logger.save()  # on disk now: a later kill does not lose this probe
         if trainer.is_global_zero:
             self._write_files(trainer, result)
+        # What the probe cost, files and figures included, against the epoch it follows.
+        cost = {"probe/seconds": time.perf_counter() - start}
+        if train_seconds is not None:
+            cost["probe/epoch_share"] = cost["probe/seconds"] / (
+                train_seconds + cost["probe/seconds"]
+            )
+        entry["cost"] = cost
+        for logger in trainer.loggers:
+            logger.log_metrics(cost, step=int(trainer.global_step))
+            logger.save()  # on disk now: a later kill does not lose this probe
+        if trainer.is_global_zero:
+            self._write_history()
 
     def _gather(self, trainer: L.Trainer, local: ProbeResult | None) -> ProbeResult:
         if trainer.world_size == 1:
@@ -192,19 +232,26 @@ class EntropyProbe(Callback):
         return ProbeResult.merge(parts)
 
     def _write_files(self, trainer: L.Trainer, result: ProbeResult) -> None:
+        """The epoch's result JSON and the figures (the history file comes after the cost
+        is known, in :meth:`_write_history`)."""
         if self.output_dir is None:
             return
-        lines = [
-            json.dumps({k: entry[k] for k in ("epoch", "global_step", "seconds", "metrics")})
-            for entry in self.history
-        ]
-        atomic_write_text(self.output_dir / self.HISTORY_FILE, "\n".join(lines) + "\n")
         result.save(self.output_dir / f"result_epoch_{self.history[-1]['epoch']:03d}.json")
-        if self.figures:
-            from unifyreg.report import plot_probe_history
+        if self.figures == "every":
+            self._draw_figures(trainer)
 
-            figures = plot_probe_history(self.history, self.output_dir)
-            self._send_figures_to_tensorboard(trainer, figures)
+    def _draw_figures(self, trainer: L.Trainer) -> None:
+        from unifyreg.report import plot_probe_history
+
+        figures = plot_probe_history(self.history, self.output_dir)
+        self._send_figures_to_tensorboard(trainer, figures)
+
+    def _write_history(self) -> None:
+        if self.output_dir is None:
+            return
+        keys = ("epoch", "global_step", "seconds", "cost", "metrics")
+        lines = [json.dumps({k: entry[k] for k in keys if k in entry}) for entry in self.history]
+        atomic_write_text(self.output_dir / self.HISTORY_FILE, "\n".join(lines) + "\n")
 
     def _send_figures_to_tensorboard(self, trainer: L.Trainer, figures: dict[str, Path]) -> None:
         for logger in trainer.loggers:

@@ -408,6 +408,23 @@ def _as_layers(hidden_states, roles: torch.Tensor) -> list[torch.Tensor]:
     return layers
 
 
+#: Extra memory the probe may always use per chunk of layers, however small the batch.
+AUTO_CHUNK_FLOOR_BYTES = 64 * 2**20
+
+
+def auto_layers_per_chunk(layer: torch.Tensor, dtype: torch.dtype = torch.float64) -> int:
+    """Layers per chunk for ``layers_per_chunk = 0``: as many as keep one chunk's
+    gathered segments (at most every token, in ``dtype``, plus the estimators' centred
+    copy: ``2 * B * S * d * itemsize``) within ``max(bytes of one layer,
+    AUTO_CHUNK_FLOOR_BYTES)``; at least 1. Large batches get 1 layer at a time (extra
+    memory within the forward pass's), small ones all layers at once (fewer, larger
+    estimator calls: faster)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_layer = 2 * layer.numel() * itemsize
+    budget = max(layer.numel() * layer.element_size(), AUTO_CHUNK_FLOOR_BYTES)
+    return max(1, budget // max(per_layer, 1))
+
+
 def batch_quantities(
     hidden_states: torch.Tensor | Sequence[torch.Tensor],
     roles: torch.Tensor,
@@ -432,9 +449,9 @@ def batch_quantities(
     NaN for exactly the affected samples. Used by the probe (without gradient) and by the
     divergence loss (with).
 
-    Layers are processed ``layers_per_chunk`` at a time: each role segment is gathered
-    (and, without gradient, cast to ``dtype``) for one chunk of layers only, so the extra
-    memory is one chunk's segments plus its Gram matrices.
+    Layers are processed ``layers_per_chunk`` at a time (0: :func:`auto_layers_per_chunk`):
+    each role segment is gathered (and, without gradient, cast to ``dtype``) for one chunk
+    of layers only, so the extra memory is one chunk's segments plus its Gram matrices.
 
     - ``method="exact"``, ``max_gram_bytes=None`` (the default, used by the loss):
       :func:`~unifyreg.estimators.matrix_entropy` and
@@ -453,10 +470,12 @@ def batch_quantities(
         raise ValueError(f"method must be one of {', '.join(PROBE_METHODS)}, got {method!r}")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an integer >= 0 (0 = no limit), got {max_tokens!r}")
-    if layers_per_chunk < 1:
-        raise ValueError(f"layers_per_chunk must be >= 1, got {layers_per_chunk}")
+    if layers_per_chunk < 0:
+        raise ValueError(f"layers_per_chunk must be >= 0 (0 = auto), got {layers_per_chunk}")
     layers = _as_layers(hidden_states, roles)
     n_layers = len(layers)
+    if layers_per_chunk == 0:
+        layers_per_chunk = auto_layers_per_chunk(layers[0], dtype)
     needs_grad = torch.is_grad_enabled() and any(h.requires_grad for h in layers)
     if method == "slq" and needs_grad:
         raise ValueError(

@@ -108,6 +108,7 @@ def build_trainer_parts(cfg: FinetuneConfig):
         every_n_epochs=cfg.every_n_epochs,
         probe_at_start=cfg.probe_at_start,
         output_dir=run_dir / "probe",
+        figures=cfg.probe_figures,
         skipped_examples=skipped_probe if cfg.probe_set != "toy" else None,
     )
     loggers = []
