@@ -317,3 +317,24 @@ def test_proxy_is_finite_and_bounded_by_joint_log_count(n, m, seed):
     )
     assert math.isfinite(proxy.item())
     assert -math.log2(n + m) - 1e-9 <= proxy.item() <= math.log2(n + m) + 1e-9
+
+
+def test_differentiable_median_makes_the_gradient_scale_invariant():
+    # H(cZ) does not depend on c under the median rule, so its derivative along Z itself
+    # is zero: <dH/dZ, Z> = 0. Only the rule that keeps the median's gradient sees that.
+    Z = torch.randn(2, 20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    along_scale = {}
+    for rule in ("median", "median_differentiable"):
+        X = Z.clone().requires_grad_(True)
+        value = matrix_entropy(X, alpha=2.0, sigma=rule).sum()
+        (grad,) = torch.autograd.grad(value, X)
+        along_scale[rule] = float((grad * Z).sum())
+    assert abs(along_scale["median_differentiable"]) < 1e-10
+    assert abs(along_scale["median"]) > 1e-3
+    same = [matrix_entropy(Z, sigma=rule) for rule in ("median", "median_differentiable")]
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
+
+
+def test_unknown_bandwidth_rule_names_the_valid_ones():
+    with pytest.raises(ValueError, match="'median', 'median_differentiable'"):
+        matrix_entropy(torch.randn(5, 3), sigma="mean")

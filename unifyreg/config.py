@@ -375,6 +375,9 @@ class LossConfig:
     - ``div_layers``: layers ``L_div`` compares (empty = all; 0 = input embeddings);
     - ``div_parts``: which trajectories ``L_div`` aligns: ``encoding`` (text vs image
       prompt entropy), ``response`` (text vs image response proxy);
+    - ``div_bandwidth``: ``median_differentiable`` (default: the median bandwidth keeps
+      its gradient, so rescaling hidden states cannot game the loss) or ``median``
+      (detached, as the paper's probe; measured to make Adam *raise* ``L_div``);
     - ``div_dtype``: precision of ``L_div``'s estimator, ``float32`` (default: alpha = 2
       needs no eigendecomposition, and float32 stays within 1e-4 relative of float64,
       tested) or ``float64``;
@@ -389,6 +392,7 @@ class LossConfig:
     div_layers: list[int] = field(default_factory=list)
     div_parts: list[str] = field(default_factory=lambda: ["encoding", "response"])
     div_dtype: str = "float32"
+    div_bandwidth: str = "median_differentiable"
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -409,6 +413,11 @@ class LossConfig:
             raise ConfigError(
                 f"loss.div_parts must be a non-empty subset of [encoding, response], "
                 f"got {list(self.div_parts)}"
+            )
+        if self.div_bandwidth not in ("median_differentiable", "median"):
+            raise ConfigError(
+                "loss.div_bandwidth must be 'median_differentiable' or 'median', "
+                f"got {self.div_bandwidth!r}"
             )
         if self.div_dtype not in ("float32", "float64"):
             raise ConfigError(

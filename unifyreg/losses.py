@@ -25,8 +25,8 @@ estimate; ``ctx_row_fraction = 1`` scores every image row of the batch.
 **Cross-modal divergence** ``L_div`` — on the batch's own hidden states, at the layers
 ``div_layers``, with the probe's quantities (:func:`unifyreg.probing.batch_quantities`,
 Renyi order ``div_alpha``, 2 by default: no eigendecomposition, smooth gradients;
-median bandwidth, detached; in ``div_dtype``, float32 by default), length-normalised
-and averaged over the batch's samples:
+median bandwidth *with* its gradient by default (``div_bandwidth``); in ``div_dtype``,
+float32 by default), length-normalised and averaged over the batch's samples:
 
     L_div = mean_l (Ht(l) - Hi(l))^2  [encoding part]  +  mean_l (Ct(l) - Ci(l))^2  [response part]
 
@@ -64,19 +64,24 @@ def divergence_loss(
     alpha: float = 2.0,
     parts: tuple[str, ...] = ("encoding", "response"),
     dtype: torch.dtype = torch.float64,
+    bandwidth: str = "median_differentiable",
 ) -> tuple[Tensor, int]:
     """``(L_div, number of parts that contributed)`` on ``hidden_states`` ``[n, B, S, d]``
     (or a sequence of ``n`` tensors ``[B, S, d]``, e.g. some of
     :attr:`ForwardOutput.hidden_layers`, without a stacked copy).
 
     See the module docstring for the formula. Differentiable in ``hidden_states``; the
-    estimator runs in ``dtype`` and the value is returned in float64.
+    estimator runs in ``dtype`` and the value is returned in float64. ``bandwidth``:
+    ``"median_differentiable"`` (the median with its gradient: the default) or
+    ``"median"`` (detached).
     """
     wanted = [q for part in parts for q in _PARTS[part]]
     # Under autocast a float32 Gram would silently run in bf16/fp16: keep the estimator
     # in the precision asked for.
     with torch.autocast(device_type=roles.device.type, enabled=False):
-        values = batch_quantities(hidden_states, roles, alpha=alpha, dtype=dtype, quantities=wanted)
+        values = batch_quantities(
+            hidden_states, roles, alpha=alpha, sigma=bandwidth, dtype=dtype, quantities=wanted
+        )
     total = roles.new_zeros((), dtype=torch.float64)
     used = 0
     for part in parts:
@@ -203,6 +208,7 @@ class ContextualPredictionLoss(nn.Module):
                 cfg.div_alpha,
                 tuple(cfg.div_parts),
                 getattr(torch, cfg.div_dtype),
+                cfg.div_bandwidth,
             )
             total = total + self.weight(cfg.w_div, step) * div.to(total.dtype)
             logs["loss/div"] = div.detach()
