@@ -284,7 +284,9 @@ class LastCheckpoint(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         staging = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(staging)  # every rank calls it; rank 0 writes
+        # A full checkpoint (optimizer, callbacks, RNG) to resume from; every rank calls it,
+        # rank 0 writes.
+        trainer.save_checkpoint(staging, weights_only=False)
         if trainer.is_global_zero:
             os.replace(staging, self.path)
         trainer.strategy.barrier("LastCheckpoint")

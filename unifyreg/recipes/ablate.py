@@ -215,7 +215,7 @@ def render_report(by_arm: dict[str, Any], cfg: AblateConfig) -> str:
         base_split = by_arm.get("baseline", {}).get("metrics", {}).get("score/response_split")
         if split is not None and base_split is not None and base_split["mean"] < 0:
             split = {**split, "mean": -split["mean"]}  # towards 0 is better whichever sign
-        lines.append("  - " + _verdict(split, True, "response split (towards 0)"))
+        lines.append("  - " + _verdict(split, True, "|response split| (distance from 0)"))
         lines.append("  - " + _verdict(vs.get("score/final_gap"), True, "final-layer gap"))
         lines.append(
             "  - " + _verdict(vs.get("accuracy/transfer"), False, "held-out transfer accuracy")
