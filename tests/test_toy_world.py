@@ -284,12 +284,19 @@ def test_score_example_uses_the_answer_modality():
 
 
 def test_every_reference_answer_is_correct(splits, config):
+    # check_reference asserts that the exact scorer accepts the reference (and, where a
+    # solver exists, that the solver's answer is the reference).
+    checked = 0
     for examples in splits.values():
         for example in examples:
             check_reference(example, config.grid_size)
+            checked += 1
+    assert checked == sum(len(examples) for examples in splits.values()) > 0
     for size in (2, 3, 6):
         for task, category in ALL_TASK_CATEGORIES:
-            for example in generate(task, category, 20, seed=size, grid_size=size):
+            examples = generate(task, category, 20, seed=size, grid_size=size)
+            assert len(examples) == 20
+            for example in examples:
                 check_reference(example, size)
 
 
@@ -603,4 +610,6 @@ def test_vocabulary_covers_other_grid_sizes():
         tokenizer = WordTokenizer.for_world(WorldConfig(grid_size=size))
         for task, category in ALL_TASK_CATEGORIES:
             for example in generate(task, category, 30, seed=0, grid_size=size):
-                tokenizer.encode_example(example)
+                ids = tokenizer.encode_example(example)  # raises on an unknown word
+                assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+                assert all(0 <= i < tokenizer.vocab_size for i in ids)
