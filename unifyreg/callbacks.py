@@ -126,8 +126,10 @@ class EntropyProbe(Callback):
         self.adapter = adapter
         self.figures = figures
         self.skipped_examples = skipped_examples
-        #: One entry per probe: {"epoch", "global_step", "seconds", "metrics", "summary"}.
+        #: One entry per probe: {"epoch", "global_step", "seconds", "cost", "metrics",
+        #: "summary"}.
         self.history: list[dict[str, Any]] = []
+        self._epoch_started: float | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -141,7 +143,7 @@ class EntropyProbe(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if epoch % self.every_n_epochs == 0 and not self._has_epoch(epoch):
-            started = getattr(self, "_epoch_started", None)
+            started = self._epoch_started
             train_seconds = None if started is None else time.perf_counter() - started
             self._probe(trainer, pl_module, epoch=epoch, train_seconds=train_seconds)
 
