@@ -102,6 +102,36 @@ def test_generation_is_batch_invariant_and_well_formed(tiny_adapter, tiny_splits
     assert tiny_adapter.model.training  # generation restores the mode it found
 
 
+def test_cached_decoding_matches_recomputing_the_whole_prefix(tiny_adapter, tiny_splits):
+    """Greedy decoding reuses keys and values; it must pick the tokens a full forward pass
+    over the left-padded prefix picks at every step."""
+    t2i = [e for e in tiny_splits["eval"] if e.answers_with_image][:6]
+    tok, model = tiny_adapter.tokenizer, tiny_adapter.model
+    with torch.no_grad():  # sharp attention, so a wrong position or mask changes the tokens
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(30)
+    grids = tiny_adapter.generate_images(t2i)
+    banned = torch.ones(tok.vocab_size, dtype=torch.bool)
+    banned[tok.image_token_ids] = False
+    prompts = [tiny_adapter._prompt_part(e)[0] + [tok.boi_id] for e in t2i]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None])
+    mask = mask.long()
+    model.eval()
+    with torch.no_grad():
+        for _ in range(tiny_adapter.grid_size**2):
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            next_ids = logits[:, -1].masked_fill(banned, float("-inf")).argmax(-1)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    expected = [tok.decode_grid(row[width:].tolist(), tiny_adapter.grid_size) for row in ids]
+    assert all(np.array_equal(a, b) for a, b in zip(grids, expected, strict=True))
+    assert len({g.tobytes() for g in grids}) > 1  # a real comparison, not of constant grids
+
+
 def test_save_and_load_round_trip(tiny_adapter, tmp_path):
     batch = tiny_adapter.encode(_examples())
     tiny_adapter.save(tmp_path / "toy")

@@ -39,6 +39,7 @@ from unifyreg.toy import (
     score_text,
     split_names,
 )
+from unifyreg.toy.splits import _cached_splits
 
 ALL_TASK_CATEGORIES = [(t, c) for t, cats in TASK_CATEGORIES.items() for c in cats]
 DRAWING_TASKS = ("t2i", "transfer")
@@ -437,11 +438,24 @@ def test_small_splits_still_cover_every_category():
 
 def test_build_splits_is_deterministic_and_seed_dependent():
     first = build_splits(WorldConfig(seed=3, **SMALL))
+    _cached_splits.cache_clear()  # generate the world again instead of reusing the kept one
     again = build_splits(WorldConfig(seed=3, **SMALL))
+    assert again["pretrain"][0] is not first["pretrain"][0]
     other = build_splits(WorldConfig(seed=4, **SMALL))
     assert first == again
     for name in split_names():
         assert first[name] != other[name], name
+
+
+def test_build_splits_keeps_the_world_but_returns_fresh_lists():
+    config = WorldConfig(seed=5, **SMALL)
+    first = build_splits(config)
+    first["pretrain"].clear()
+    first["eval"].reverse()
+    again = build_splits(WorldConfig(seed=5, **SMALL))
+    assert len(again["pretrain"]) == SMALL["n_pretrain"]
+    assert again["eval"][0] is first["eval"][-1]  # the same examples, not regenerated
+    assert again["eval"][0] is not first["eval"][0]
 
 
 def test_training_splits_use_different_streams(splits):

@@ -331,17 +331,27 @@ class ToyAdapter(Adapter):
                 ids, mask = ids.to(device), mask.to(device)
                 finished = torch.zeros(len(chunk), dtype=torch.bool, device=device)
                 generated = []
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                cache = None
                 for _ in range(steps):
-                    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-                    logits = self.model(
-                        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
-                    ).logits[:, -1]
+                    # The first call reads the whole prompt; later calls feed only the new
+                    # token and reuse the keys and values of the earlier positions.
+                    out = self.model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                    cache = out.past_key_values
+                    logits = out.logits[:, -1]
                     next_ids = logits.masked_fill(banned, float("-inf")).argmax(-1)
                     generated.append(next_ids)
                     if stop_id is not None:
                         finished |= next_ids == stop_id
-                    ids = torch.cat([ids, next_ids[:, None]], dim=1)
-                    mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
+                    ids = next_ids[:, None]
+                    mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+                    positions = positions[:, -1:] + 1
                     if stop_id is not None and bool(finished.all()):
                         break
                 tokens = torch.stack(generated, dim=1).tolist()

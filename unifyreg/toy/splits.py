@@ -35,6 +35,7 @@ and ``heldout`` accuracy (unseen combinations) is the failure to transfer.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -233,10 +234,24 @@ def build_splits(config: WorldConfig | None = None) -> dict[str, list[Example]]:
     """Build every split of the world described by ``config`` (default: ``WorldConfig()``).
 
     Keys are :func:`split_names`; see the module docstring for how each is made. The
-    same config always gives identical splits.
+    same config always gives identical splits. The last few worlds built are kept in
+    memory (generating the default world takes about 2.5 s, and one recipe needs it for
+    its cache key, its training data and its probe set); every call returns new lists of
+    the same immutable examples, so a caller may reorder or extend what it gets.
     """
     config = WorldConfig() if config is None else config
     config.validate()
+    cached = _cached_splits(tuple(config.to_dict().items()))
+    return {name: list(split) for name, split in cached.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_splits(fields_and_values: tuple[tuple[str, object], ...]) -> dict[str, tuple]:
+    built = _generate_splits(WorldConfig(**dict(fields_and_values)))
+    return {name: tuple(split) for name, split in built.items()}
+
+
+def _generate_splits(config: WorldConfig) -> dict[str, list[Example]]:
     objects = object_split(config)
     size = config.grid_size
     splits: dict[str, list[Example]] = {
