@@ -10,7 +10,7 @@
    <= 5%.
 
 Usage: ``python scripts/bench_training.py [--steps N] [--batch-size B] [--hidden H]
-[--layers L] [--skip-recipe]``; prints tables. The recipe run uses (and builds, if
+[--layers L] [--skip-recipe | --recipe-only]``; prints tables. The recipe run uses (and builds, if
 absent) the cached toy base."""
 
 from __future__ import annotations
@@ -88,7 +88,13 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=128, help="toy model width")
     parser.add_argument("--layers", type=int, default=4, help="toy model depth")
     parser.add_argument("--skip-recipe", action="store_true", help="skip the probe-share run")
+    parser.add_argument(
+        "--recipe-only", action="store_true", help="only the probe-share run (table 2)"
+    )
     args = parser.parse_args(argv)
+    if args.recipe_only:
+        recipe_probe_share()
+        return 0
     torch.manual_seed(0)
     world = WorldConfig()
     splits = build_splits(world)

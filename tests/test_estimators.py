@@ -338,3 +338,85 @@ def test_differentiable_median_makes_the_gradient_scale_invariant():
 def test_unknown_bandwidth_rule_names_the_valid_ones():
     with pytest.raises(ValueError, match="'median', 'median_differentiable'"):
         matrix_entropy(torch.randn(5, 3), sigma="mean")
+
+
+# --------------------------------------------------------------- order 2, hand-written backward
+
+
+def _order2_reference(Z, mask, sigma):
+    """Order-2 entropy by the generic composition (autograd all the way through)."""
+    return renyi_entropy(gaussian_gram(Z, sigma, mask), alpha=2.0)
+
+
+def _tricky_batch(dtype):
+    """Masks with padding, a one-token sequence, exactly repeated tokens (a zero median,
+    floored bandwidth) and ties among distances."""
+    gen = torch.Generator().manual_seed(3)
+    Z = torch.randn(3, 4, 9, 6, dtype=dtype, generator=gen)
+    Z[1, 2, :5] = Z[1, 2, 0]  # five identical tokens: median distance 0
+    Z[2, 1, 3] = Z[2, 1, 4]  # one repeated pair
+    mask = torch.rand(3, 4, 9, generator=gen) > 0.25
+    mask[..., 0] = True
+    mask[0, 0, 1:] = False  # one valid token: no pair
+    return Z, mask
+
+
+@pytest.mark.parametrize("sigma", ["median_differentiable", "median"])
+def test_order2_fast_path_matches_the_generic_composition_in_value_and_gradient(sigma):
+    Z, mask = _tricky_batch(torch.float64)
+    weights = torch.linspace(-1.0, 2.0, Z[..., 0, 0].numel(), dtype=torch.float64)
+    fast_in = Z.clone().requires_grad_()
+    fast = matrix_entropy(fast_in, 2.0, sigma, mask=mask)
+    (fast * weights.view_as(fast)).sum().backward()
+    ref_in = Z.clone().requires_grad_()
+    ref = _order2_reference(ref_in, mask, sigma)
+    (ref * weights.view_as(ref)).sum().backward()
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast_in.grad, ref_in.grad, rtol=1e-9, atol=1e-10)
+    assert fast_in.grad.abs().max() > 0.1  # a real gradient was compared
+
+
+@pytest.mark.parametrize("sigma", ["median_differentiable", "median"])
+def test_order2_fast_proxy_matches_the_generic_composition_in_value_and_gradient(sigma):
+    gen = torch.Generator().manual_seed(5)
+    Zp = torch.randn(2, 5, 7, 4, dtype=torch.float64, generator=gen)
+    Zr = torch.randn(2, 5, 6, 4, dtype=torch.float64, generator=gen)
+    Zr[0, 1, :3] = Zp[0, 1, 0]  # responses repeating a prompt token
+    mp = torch.rand(2, 5, 7, generator=gen) > 0.3
+    mr = torch.rand(2, 5, 6, generator=gen) > 0.3
+    mp[..., 0] = True
+    mr[..., 0] = True
+    inputs = [t.clone().requires_grad_() for t in (Zp, Zr)]
+    fast = conditional_entropy_proxy(*inputs, 2.0, sigma, mask_p=mp, mask_r=mr)
+    fast.sum().backward()
+    ref_in = [t.clone().requires_grad_() for t in (Zp, Zr)]
+    joint = torch.cat(ref_in, dim=-2)
+    K = gaussian_gram(joint, sigma, torch.cat([mp, mr], dim=-1))
+    ref = renyi_entropy(K, 2.0) - renyi_entropy(K[..., :7, :7], 2.0)
+    ref.sum().backward()
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+    for a, b in zip(inputs, ref_in, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_order2_fast_path_passes_gradcheck():
+    gen = torch.Generator().manual_seed(11)
+    Z = torch.randn(2, 6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    assert torch.autograd.gradcheck(
+        lambda z: matrix_entropy(z, 2.0, "median_differentiable", mask=mask), (Z,)
+    )
+
+
+def test_finite_check_is_exact_when_finite_values_overflow_a_token_sum():
+    from unifyreg.estimators import _prepare
+
+    # Finite entries whose per-token sum overflows must not be taken for NaN/Inf input.
+    Z = torch.full((2, 3, 4), 1e308, dtype=torch.float64)
+    _, _, bad = _prepare(Z, None, torch.float64, "raise", "Z")
+    assert bad is None
+    Z[1, 2, 1] = math.inf
+    _, _, bad = _prepare(Z, None, torch.float64, "propagate", "Z")
+    assert bad.tolist() == [False, True]
+    with pytest.raises(ValueError, match="NaN or Inf in 1 of 2"):
+        _prepare(Z, None, torch.float64, "raise", "Z")

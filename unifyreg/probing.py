@@ -370,19 +370,24 @@ def _segment(roles: torch.Tensor, rows: torch.Tensor, role, max_tokens: int) -> 
     return _Segment(rows, index, mask, counts)
 
 
-def _gather(layers: Sequence[torch.Tensor], seg: _Segment, dtype: torch.dtype | None):
-    """``[len(layers), b, k, d]``: the segment's tokens in each layer. ``dtype=None``: a
-    differentiable stack in the input dtype; otherwise one buffer in ``dtype``, filled a
-    layer at a time (no stacked or full-precision copy of all layers)."""
-    rows = seg.rows[:, None]
+def _gather(
+    layers: Sequence[torch.Tensor] | torch.Tensor, seg: _Segment, dtype: torch.dtype | None
+):
+    """``[n_layers, b, k, d]``: the segment's tokens in each layer.
+
+    ``dtype=None``: differentiable, from ``layers`` stacked as one ``[n, B, S, d]``
+    tensor: one ``index_select`` for all layers (its backward is a single ``index_add``;
+    two-dimensional advanced indexing would backpropagate through a slow ``index_put``).
+    Otherwise ``layers`` is a sequence of ``[B, S, d]`` tensors and the result one buffer
+    in ``dtype``, filled a layer at a time (no stacked or full-precision copy)."""
+    seq_len, width = layers[0].shape[-2:]
+    flat = (seg.rows[:, None] * seq_len + seg.index).flatten()
+    shape = (*seg.index.shape, width)
     if dtype is None:
-        return torch.stack([h[rows, seg.index] for h in layers])
-    first = layers[0]
-    out = torch.empty(
-        (len(layers), *seg.index.shape, first.shape[-1]), dtype=dtype, device=first.device
-    )
+        return torch.stack([h.flatten(0, 1).index_select(0, flat).view(shape) for h in layers])
+    out = torch.empty((len(layers), *shape), dtype=dtype, device=layers[0].device)
     for j, h in enumerate(layers):
-        out[j] = h[rows, seg.index]
+        out[j] = h.flatten(0, 1).index_select(0, flat).view(shape)
     return out
 
 
@@ -423,6 +428,38 @@ def auto_layers_per_chunk(layer: torch.Tensor, dtype: torch.dtype = torch.float6
     per_layer = 2 * layer.numel() * itemsize
     budget = max(layer.numel() * layer.element_size(), AUTO_CHUNK_FLOOR_BYTES)
     return max(1, budget // max(per_layer, 1))
+
+
+def _plan(
+    roles: torch.Tensor, quantities: Sequence[str], max_tokens: int
+) -> dict[str, tuple[torch.Tensor, tuple[_Segment, ...]]]:
+    """Which samples each wanted quantity takes and where their tokens are: ``name ->
+    (select [B], segments)``, one segment for an entropy, (prompt, response) for a proxy
+    (see the module docstring); quantities without a sample are left out."""
+    image_prompt_counts = role_counts(roles, Role.IMAGE_PROMPT)
+    prompt_counts = role_counts(roles, PROMPT_ROLES)
+    plan: dict[str, tuple[torch.Tensor, tuple[_Segment, ...]]] = {}
+    for name, role, select in (
+        ("encoding/text", Role.TEXT_PROMPT, image_prompt_counts == 0),
+        ("encoding/image", Role.IMAGE_PROMPT, image_prompt_counts > 0),
+    ):
+        select = select & (role_counts(roles, role) > 0)
+        if name in quantities and bool(select.any()):
+            rows = torch.nonzero(select).flatten()
+            plan[name] = (select, (_segment(roles, rows, role, max_tokens),))
+    for name, role in (
+        ("response/text", Role.TEXT_RESPONSE),
+        ("response/image", Role.IMAGE_RESPONSE),
+    ):
+        select = (role_counts(roles, role) > 0) & (prompt_counts > 0)
+        if name in quantities and bool(select.any()):
+            rows = torch.nonzero(select).flatten()
+            segments = (
+                _segment(roles, rows, PROMPT_ROLES, max_tokens),
+                _segment(roles, rows, role, max_tokens),
+            )
+            plan[name] = (select, segments)
+    return plan
 
 
 def batch_quantities(
@@ -498,31 +535,7 @@ def batch_quantities(
         common.update(dtype=dtype, max_gram_bytes=max_gram_bytes)
         entropy_fn, proxy_fn = matrix_entropy_chunked, conditional_entropy_proxy_chunked
 
-    image_prompt_counts = role_counts(roles, Role.IMAGE_PROMPT)
-    prompt_counts = role_counts(roles, PROMPT_ROLES)
-    # name -> (select [B], segments): one segment for an entropy, (prompt, response) for a proxy
-    plan: dict[str, tuple[torch.Tensor, tuple[_Segment, ...]]] = {}
-    for name, role, select in (
-        ("encoding/text", Role.TEXT_PROMPT, image_prompt_counts == 0),
-        ("encoding/image", Role.IMAGE_PROMPT, image_prompt_counts > 0),
-    ):
-        select = select & (role_counts(roles, role) > 0)
-        if name in quantities and bool(select.any()):
-            rows = torch.nonzero(select).flatten()
-            plan[name] = (select, (_segment(roles, rows, role, max_tokens),))
-    for name, role in (
-        ("response/text", Role.TEXT_RESPONSE),
-        ("response/image", Role.IMAGE_RESPONSE),
-    ):
-        select = (role_counts(roles, role) > 0) & (prompt_counts > 0)
-        if name in quantities and bool(select.any()):
-            rows = torch.nonzero(select).flatten()
-            segments = (
-                _segment(roles, rows, PROMPT_ROLES, max_tokens),
-                _segment(roles, rows, role, max_tokens),
-            )
-            plan[name] = (select, segments)
-
+    plan = _plan(roles, quantities, max_tokens)
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in plan}
     for start in range(0, n_layers, layers_per_chunk):
         chunk = layers[start : start + layers_per_chunk]
