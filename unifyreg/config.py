@@ -208,7 +208,7 @@ class PretrainToyConfig:
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     # 1e-3 and above never learned single-cell reading in 3000 steps; 5e-4 did (README).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
-    max_steps: int = 3000
+    max_steps: int = 2700
     batch_size: int = 64
     seed: int = 0
     cache_dir: str = ".cache/unifyreg"

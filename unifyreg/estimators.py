@@ -23,9 +23,9 @@ Gradients: the bandwidth is treated as a constant (computed without gradient), s
 gradient is that of the entropy at a fixed kernel, unless ``"median_differentiable"``
 is asked for. Order 2 with a median bandwidth (the divergence loss's default) runs
 through one function with a hand-written backward (:class:`_GaussianRenyi2`): the same
-values and gradients as the generic composition, in far fewer operations. Eigenvalues below ``EIGENVALUE_FLOOR``
-(relative to the trace-1 spectrum) contribute nothing, which keeps gradients finite for
-any alpha, also with repeated or zero eigenvalues.
+values and gradients as the generic composition, in far fewer operations. Eigenvalues
+below ``EIGENVALUE_FLOOR`` (relative to the trace-1 spectrum) contribute nothing, which
+keeps gradients finite for any alpha, also with repeated or zero eigenvalues.
 """
 
 from __future__ import annotations
