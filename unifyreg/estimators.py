@@ -117,6 +117,18 @@ def _as_mask(mask: Tensor | None, Z: Tensor, name: str = "mask") -> Tensor | Non
     return mask.to(device=Z.device, dtype=torch.bool)
 
 
+def _centred_no_grad(Z: Tensor, mask: Tensor | None) -> Tensor:
+    """A new tensor: each sequence minus the mean of its valid tokens, padding set to 0
+    (replaced, not multiplied: it may hold Inf). One buffer, updated in place: without
+    gradient the cost at small n is these passes over ``[..., n, d]``, not the products."""
+    if mask is None:
+        return Z - Z.mean(dim=-2, keepdim=True)
+    padding = ~mask.unsqueeze(-1)
+    Zc = Z.masked_fill(padding, 0.0)
+    count = mask.sum(dim=-1, keepdim=True).unsqueeze(-1).clamp_min(1).to(Z.dtype)
+    return Zc.sub_(Zc.sum(dim=-2, keepdim=True) / count).masked_fill_(padding, 0.0)
+
+
 def pairwise_sq_distances(Z: Tensor, mask: Tensor | None = None) -> Tensor:
     """Squared Euclidean distances ``D_ij = ||z_i - z_j||^2`` of each sequence: ``[..., n, n]``.
 
@@ -136,12 +148,7 @@ def pairwise_sq_distances(Z: Tensor, mask: Tensor | None = None) -> Tensor:
         centre = Z.sum(dim=-2, keepdim=True) / count
         Zc = torch.where(valid, Z - centre, torch.zeros((), dtype=Z.dtype, device=Z.device))
     else:
-        # The same values, in one buffer: fewer passes over [..., n, d] (the probe's cost
-        # at small n is these passes, not the products).
-        padding = ~mask.unsqueeze(-1)
-        Zc = Z.masked_fill(padding, 0.0)
-        count = mask.sum(dim=-1, keepdim=True).unsqueeze(-1).clamp_min(1).to(Z.dtype)
-        Zc.sub_(Zc.sum(dim=-2, keepdim=True) / count).masked_fill_(padding, 0.0)
+        Zc = _centred_no_grad(Z, mask)  # the same values, fewer passes
     sq_norms = torch.linalg.vector_norm(Zc, dim=-1) ** 2
     if with_grad:
         gram = Zc @ Zc.transpose(-1, -2)
@@ -401,11 +408,8 @@ class _GaussianRenyi2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z, mask, block, differentiable_bandwidth):
         batch, n = Z.shape[:2]
-        valid = mask.unsqueeze(-1)
         count = mask.sum(dim=-1).to(Z.dtype)
-        centred = Z.masked_fill(~valid, 0.0)
-        centred.sub_(centred.sum(dim=-2, keepdim=True) / count.clamp_min(1)[:, None, None])
-        centred.masked_fill_(~valid, 0.0)
+        centred = _centred_no_grad(Z, mask)
         sq = centred.pow(2).sum(dim=-1)
         raw = torch.baddbmm(sq[:, :, None] + sq[:, None, :], centred, centred.mT, alpha=-2.0)
         D = raw.clamp_min(0.0)
@@ -623,15 +627,7 @@ def _sq_distances_no_grad(Z: Tensor, mask: Tensor | None) -> Tensor:
     n = Z.shape[-2]
     if n < _SYMMETRIC_GRAM_MIN_TOKENS:
         return pairwise_sq_distances(Z, mask)
-    # The centring of pairwise_sq_distances (kept in step with it).
-    if mask is None:
-        Zc = Z - Z.mean(dim=-2, keepdim=True)
-    else:
-        valid = mask.unsqueeze(-1)
-        zero = torch.zeros((), dtype=Z.dtype, device=Z.device)
-        Z = torch.where(valid, Z, zero)
-        count = valid.sum(dim=-2, keepdim=True).clamp_min(1).to(Z.dtype)
-        Zc = torch.where(valid, Z - Z.sum(dim=-2, keepdim=True) / count, zero)
+    Zc = _centred_no_grad(Z, mask)  # the centring of pairwise_sq_distances
     sq_norms = torch.linalg.vector_norm(Zc, dim=-1) ** 2
     D = Zc.new_empty(Zc.shape[0], n, n)
     size = -(-n // 4)
