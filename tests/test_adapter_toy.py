@@ -117,7 +117,7 @@ def test_cached_decoding_matches_recomputing_the_whole_prefix(tiny_adapter, tiny
     prompts = [tiny_adapter._prompt_part(e)[0] + [tok.boi_id] for e in t2i]
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None])
+    mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
     mask = mask.long()
     model.eval()
     with torch.no_grad():

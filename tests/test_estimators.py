@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 from unifyreg.estimators import (
     calibrate_bandwidth,
     conditional_entropy_proxy,
+    conditional_entropy_proxy_from_sq_distances,
+    finite_tokens,
     gaussian_gram,
     matrix_entropy,
+    matrix_entropy_from_sq_distances,
     median_bandwidth,
     pairwise_sq_distances,
     renyi_entropy,
@@ -196,6 +199,60 @@ def test_pairwise_distances_are_exact_on_diagonal_and_nonnegative():
     assert torch.all(D >= 0) and torch.all(torch.diagonal(D) == 0)
     exact = ((Z[:, None, :] - Z[None, :, :]) ** 2).sum(-1)
     torch.testing.assert_close(D, exact, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("sigma", ["median", 0.7])
+def test_entropies_from_sq_distances_equal_those_from_the_tokens(sigma):
+    Z = torch.randn(3, 12, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 9:] = False  # padded response
+    mask[2, 4] = False  # a masked prompt token
+    H = matrix_entropy_from_sq_distances(pairwise_sq_distances(Z, mask), sigma=sigma, mask=mask)
+    torch.testing.assert_close(H, matrix_entropy(Z, sigma=sigma, mask=mask), rtol=0, atol=1e-10)
+    n = 5
+    C = conditional_entropy_proxy_from_sq_distances(
+        pairwise_sq_distances(Z, mask), n, sigma=sigma, mask=mask
+    )
+    expected = conditional_entropy_proxy(
+        Z[:, :n], Z[:, n:], sigma=sigma, mask_p=mask[:, :n], mask_r=mask[:, n:]
+    )
+    torch.testing.assert_close(C, expected, rtol=0, atol=1e-10)
+
+
+def test_entropies_from_sq_distances_reject_bad_input():
+    D = pairwise_sq_distances(torch.randn(2, 6, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[B, n, n\]"):
+        matrix_entropy_from_sq_distances(D[0])
+    with pytest.raises(ValueError, match=r"\[B, n, n\]"):
+        matrix_entropy_from_sq_distances(D[:, :, :5])
+    with pytest.raises(TypeError, match="floating-point"):
+        matrix_entropy_from_sq_distances(D.long())
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 6\)"):
+        matrix_entropy_from_sq_distances(D.clone(), mask=torch.ones(2, 5, dtype=torch.bool))
+    empty = torch.ones(2, 6, dtype=torch.bool)
+    empty[1] = False
+    with pytest.raises(ValueError, match="no valid token"):
+        matrix_entropy_from_sq_distances(D.clone(), mask=empty)
+    for n in (0, 6):
+        with pytest.raises(ValueError, match="first n positions"):
+            conditional_entropy_proxy_from_sq_distances(D.clone(), n)
+    no_prompt = torch.ones(2, 6, dtype=torch.bool)
+    no_prompt[0, :2] = False
+    with pytest.raises(ValueError, match="first n positions"):
+        conditional_entropy_proxy_from_sq_distances(D.clone(), 2, mask=no_prompt)
+    with pytest.raises(ValueError, match="alpha"):
+        matrix_entropy_from_sq_distances(D.clone(), alpha=0.0)
+
+
+def test_finite_tokens_flags_tokens_with_any_non_finite_entry():
+    Z = torch.randn(2, 5, 4)
+    Z[0, 1, 2] = float("nan")
+    Z[1, 3, 0] = float("-inf")
+    Z[1, 4] = torch.tensor([3e38, 3e38, -1.0, 0.0])  # finite entries whose sum overflows
+    expected = torch.ones(2, 5, dtype=torch.bool)
+    expected[0, 1] = expected[1, 3] = False
+    assert torch.equal(finite_tokens(Z), expected)
+    assert torch.equal(finite_tokens(Z[:1, :1]), torch.ones(1, 1, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------- dtypes and gradients

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from unifyreg import probing
 from unifyreg.config import ConfigError, ProbeConfig, ProbeRunConfig, load_config
 from unifyreg.estimators import (
     MIN_MEDIAN_BANDWIDTH,
@@ -145,6 +146,52 @@ def test_exact_method_equals_the_unchunked_estimators(tiny_batch, bandwidth):
             floored = _floored_median(tiny_batch, q) if bandwidth == "median" else diff < 0
             assert diff[~floored].max() < 1e-10, q
             assert np.all(diff[floored] < 1e-5), q
+
+
+def test_short_sequences_take_the_per_sample_distances_when_they_fit(tiny_batch, monkeypatch):
+    calls = []
+    original = probing._quantities_from_sample_distances
+    monkeypatch.setattr(
+        probing,
+        "_quantities_from_sample_distances",
+        lambda chunk, *args: calls.append(len(chunk)) or original(chunk, *args),
+    )
+    B, S = tiny_batch.roles.shape
+    n_layers = len(tiny_batch.hidden_layers)
+    one_layer = B * S * S * 8  # float64 distances of every sample, one layer
+    for max_gram_bytes, expected in (
+        (2**28, [n_layers]),  # one chunk of layers_per_chunk = 8 >= n_layers
+        (2 * one_layer, [2] * (n_layers // 2) + [1] * (n_layers % 2)),
+        (one_layer - 1, []),  # does not fit: per-segment route
+    ):
+        calls.clear()
+        cfg = ProbeConfig(max_gram_bytes=max_gram_bytes, layers_per_chunk=8)
+        probe_batch(tiny_batch.hidden_layers, tiny_batch.roles, ["c"] * B, range(n_layers), cfg)
+        assert calls == expected, max_gram_bytes
+    calls.clear()
+    batch_quantities(tiny_batch.hidden_layers, tiny_batch.roles)  # the loss path
+    assert calls == []
+
+
+@pytest.mark.parametrize("max_gram_bytes", [1, 2**28])  # per segment / per-sample distances
+def test_a_non_finite_token_gives_nan_only_where_it_is_used(max_gram_bytes):
+    roles = torch.tensor([[Role.TEXT_PROMPT] * 4 + [Role.IMAGE_RESPONSE] * 3 + [Role.PAD]] * 2)
+    hidden = torch.randn(2, 2, 8, 5, generator=torch.Generator().manual_seed(0)).double()
+    cfg = ProbeConfig(max_gram_bytes=max_gram_bytes)
+    clean = probe_batch(hidden, roles, ["a", "b"], [0, 1], cfg)
+    hidden[1, 0, 5, 3] = float("nan")  # an image-response token: sample 0, layer 1
+    hidden[0, 1, 7] = float("inf")  # padding: never used
+    with pytest.warns(RuntimeWarning, match=r"response/image at layer\(s\) \[1\]"):
+        records = probe_batch(hidden, roles, ["a", "b"], [0, 1], cfg)
+    np.testing.assert_allclose(
+        records["encoding/text"].values, clean["encoding/text"].values, rtol=0, atol=1e-10
+    )
+    response = records["response/image"].values
+    assert np.isnan(response[0, 1]) and np.isnan(response).sum() == 1
+    finite = ~np.isnan(response)
+    np.testing.assert_allclose(
+        response[finite], clean["response/image"].values[finite], rtol=0, atol=1e-10
+    )
 
 
 def test_stacked_and_per_layer_hidden_states_give_identical_values(tiny_batch):

@@ -32,7 +32,7 @@ from unifyreg.config import (
     ProbeConfig,
     ProbeRunConfig,
 )
-from unifyreg.fileio import atomic_directory, atomic_write_text
+from unifyreg.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from unifyreg.losses import ContextualPredictionLoss, divergence_loss
 from unifyreg.probing import QUANTITIES, probe_batch, run_probe
 from unifyreg.roles import Role
@@ -340,6 +340,15 @@ def test_atomic_writes_leave_the_old_file_or_directory_on_error(tmp_path):
 
 
 # ---------------------------------------------------------------------- safe loading
+
+
+def test_json_files_are_indented_or_one_line_and_load_back_equal(tmp_path):
+    data = {"b": [1.5, float("1e-300"), 0.1 + 0.2], "a": {"x": "é", "y": None}}
+    pretty = atomic_write_json(tmp_path / "pretty.json", data).read_text()
+    compact = atomic_write_json(tmp_path / "compact.json", data, indent=None).read_text()
+    assert pretty.count("\n") > 5 and pretty.index('"a"') < pretty.index('"b"')
+    assert compact.count("\n") == 1 and " " not in compact
+    assert json.loads(pretty) == json.loads(compact) == data
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(tiny_base_overrides, tmp_path, capsys):

@@ -45,14 +45,18 @@ __all__ = [
     "RITZ_LANCZOS_STEPS",
     "SLQSettings",
     "SLQ_ERROR_BOUND",
+    "SYMMETRIC_GRAM_MIN_TOKENS",
     "calibrate_bandwidth",
     "conditional_entropy_proxy",
     "conditional_entropy_proxy_chunked",
+    "conditional_entropy_proxy_from_sq_distances",
     "conditional_entropy_proxy_slq",
+    "finite_tokens",
     "gaussian_gram",
     "gram_chunk_size",
     "matrix_entropy",
     "matrix_entropy_chunked",
+    "matrix_entropy_from_sq_distances",
     "matrix_entropy_slq",
     "median_bandwidth",
     "normalize_by_count",
@@ -349,12 +353,7 @@ def _prepare(
         raise ValueError(f"nan_policy must be 'raise' or 'propagate', got {nan_policy!r}")
     Zc = Z.to(dtype)
     mask = _as_mask(mask, Zc, f"mask of {name}")
-    # A token's sum is finite only if all its entries are (one pass, not isfinite's
-    # several); only when some sum is not (a non-finite entry, or an overflow of finite
-    # ones) are the entries checked one by one.
-    finite = torch.isfinite(Zc.detach().sum(dim=-1))
-    if not bool(finite.all()):
-        finite = torch.isfinite(Zc).all(dim=-1)
+    finite = finite_tokens(Zc)
     if mask is not None:
         finite = finite | ~mask
     bad = ~finite.all(dim=-1)
@@ -367,6 +366,17 @@ def _prepare(
         )
     Zc = torch.where(torch.isfinite(Zc), Zc, torch.zeros((), dtype=Zc.dtype))
     return Zc, mask, bad
+
+
+def finite_tokens(Z: Tensor) -> Tensor:
+    """``[..., n]`` bool: True where every entry of the token vector ``Z[..., i, :]`` is
+    finite. A token's sum is finite only if all its entries are (one pass instead of
+    ``isfinite``'s several); only when some sum is not (a non-finite entry, or an overflow
+    of finite ones) are the entries checked one by one."""
+    finite = torch.isfinite(Z.detach().sum(dim=-1))
+    if not bool(finite.all()):
+        finite = torch.isfinite(Z.detach()).all(dim=-1)
+    return finite
 
 
 def _valid_counts(Z: Tensor, mask: Tensor | None) -> Tensor:
@@ -612,7 +622,7 @@ def conditional_entropy_proxy(
 # ====================================================================== fast Gram (no gradient)
 
 #: Sequences with at least this many tokens get the blocked symmetric distance product.
-_SYMMETRIC_GRAM_MIN_TOKENS = 1024
+SYMMETRIC_GRAM_MIN_TOKENS = 1024
 
 
 def _sq_distances_no_grad(Z: Tensor, mask: Tensor | None) -> Tensor:
@@ -625,7 +635,7 @@ def _sq_distances_no_grad(Z: Tensor, mask: Tensor | None) -> Tensor:
     :func:`pairwise_sq_distances` to round-off, and exactly symmetric.
     """
     n = Z.shape[-2]
-    if n < _SYMMETRIC_GRAM_MIN_TOKENS:
+    if n < SYMMETRIC_GRAM_MIN_TOKENS:
         return pairwise_sq_distances(Z, mask)
     Zc = _centred_no_grad(Z, mask)  # the centring of pairwise_sq_distances
     sq_norms = torch.linalg.vector_norm(Zc, dim=-1) ** 2
@@ -700,23 +710,92 @@ def _median_bandwidth_by_selection(D: Tensor, mask: Tensor | None) -> Tensor:
 
 def _gaussian_gram_no_grad(Z: Tensor, sigma: Bandwidth, mask: Tensor | None) -> Tensor:
     """:func:`gaussian_gram` of ``[B, n, d]`` without gradient: the same Gram to round-off,
-    built in place in one ``[B, n, n]`` buffer (padded rows and columns zeroed in place,
-    no pair-mask copy); from 1024 tokens with the blocked distance product and the median
-    by selection (the same median)."""
+    built in place in one ``[B, n, n]`` buffer (see :func:`_gram_from_sq_distances_`);
+    from 1024 tokens with the blocked distance product."""
     with torch.no_grad():
-        D = _sq_distances_no_grad(Z, mask)
-        if (
-            isinstance(sigma, str)
-            and sigma == "median"
-            and D.shape[-1] >= _SYMMETRIC_GRAM_MIN_TOKENS
-        ):
-            bandwidth = _median_bandwidth_by_selection(D, mask)  # needs the exact symmetry
-        else:
-            bandwidth = resolve_bandwidth(Z, sigma, mask, sq_distances=D)
-        K = D.mul_((-0.5 / bandwidth**2)[:, None, None]).exp_()
-        if mask is not None:
-            K.masked_fill_(~mask[:, :, None], 0.0).masked_fill_(~mask[:, None, :], 0.0)
-        return K
+        return _gram_from_sq_distances_(_sq_distances_no_grad(Z, mask), sigma, mask)
+
+
+def _gram_from_sq_distances_(D: Tensor, sigma: Bandwidth, mask: Tensor | None) -> Tensor:
+    """The Gaussian Gram ``exp(-D / (2 sigma^2))`` of squared distances ``D`` ``[B, n, n]``,
+    built in ``D``'s buffer (``D`` is consumed); padded rows and columns zeroed in place
+    (no pair-mask copy). From 1024 tokens the median bandwidth is found by selection (the
+    same median; needs ``D`` exactly symmetric, as :func:`_sq_distances_no_grad` makes it)."""
+    if isinstance(sigma, str) and sigma == "median" and D.shape[-1] >= SYMMETRIC_GRAM_MIN_TOKENS:
+        bandwidth = _median_bandwidth_by_selection(D, mask)
+    else:
+        bandwidth = resolve_bandwidth(D, sigma, mask, sq_distances=D)  # D.shape[:-2] = [B]
+    K = D.mul_((-0.5 / bandwidth**2)[:, None, None]).exp_()
+    if mask is not None:
+        K.masked_fill_(~mask[:, :, None], 0.0).masked_fill_(~mask[:, None, :], 0.0)
+    return K
+
+
+def _check_sq_distances(D: Tensor, mask: Tensor | None) -> Tensor | None:
+    if not isinstance(D, Tensor) or D.dim() != 3 or D.shape[-1] != D.shape[-2]:
+        raise ValueError(
+            f"D must be a tensor of squared distances [B, n, n], got "
+            f"{tuple(D.shape) if isinstance(D, Tensor) else type(D).__name__}"
+        )
+    if not D.is_floating_point():
+        raise TypeError(f"D must be a floating-point tensor, got {D.dtype}")
+    if mask is None:
+        return None
+    if mask.shape != D.shape[:-1]:
+        raise ValueError(f"mask must have shape {tuple(D.shape[:-1])}, got {tuple(mask.shape)}")
+    if torch.any(mask.sum(-1) < 1):
+        raise ValueError("a sequence has no valid token (mask all False): entropy undefined")
+    return mask.to(device=D.device, dtype=torch.bool)
+
+
+@torch.no_grad()
+def matrix_entropy_from_sq_distances(
+    D: Tensor,
+    alpha: float = 1.01,
+    sigma: Bandwidth = "median",
+    base: float = 2.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`matrix_entropy` of sequences given their squared pair distances: ``D``
+    ``[B, n, n]`` (``D_ij = ||z_i - z_j||^2``, symmetric, zero diagonal, finite, in the
+    compute dtype) -> ``[B]``, without gradient. ``D`` is overwritten (the Gram is built
+    in its buffer). ``mask`` ``[B, n]`` as in :func:`matrix_entropy`.
+
+    For callers that hold the distances already: the probe computes one distance matrix
+    per sample and layer and cuts every role segment's out of it, instead of gathering,
+    casting and centring the token vectors of each segment (see
+    :func:`unifyreg.probing.batch_quantities`)."""
+    alpha, base = _check_alpha(alpha), _check_base(base)
+    mask = _check_sq_distances(D, mask)
+    return _renyi_entropy_in_place(_gram_from_sq_distances_(D, sigma, mask), alpha, base)
+
+
+@torch.no_grad()
+def conditional_entropy_proxy_from_sq_distances(
+    D: Tensor,
+    n: int,
+    alpha: float = 1.01,
+    sigma: Bandwidth = "median",
+    base: float = 2.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`conditional_entropy_proxy` given the squared distances ``D`` ``[B, n + m,
+    n + m]`` of the joint sequences ``[P; R]`` (the prompt's ``n`` positions first, as
+    :func:`conditional_entropy_proxy` concatenates them; ``mask`` ``[B, n + m]`` marks the
+    valid ones) -> ``H_alpha(K_joint) - H_alpha(K_pp)`` ``[B]``, without gradient; one
+    bandwidth per joint sequence. ``D`` is overwritten."""
+    alpha, base = _check_alpha(alpha), _check_base(base)
+    mask = _check_sq_distances(D, mask)
+    if not 1 <= n < D.shape[-1] or (mask is not None and torch.any(mask[:, :n].sum(-1) < 1)):
+        raise ValueError(
+            f"the prompt must take the first n positions (1 <= n < {D.shape[-1]}) with at "
+            f"least one valid token each, got n={n}"
+        )
+    K = _gram_from_sq_distances_(D, sigma, mask)
+    K_pp = K[:, :n, :n].clone()
+    joint = _renyi_entropy_in_place(K, alpha, base)
+    del K
+    return joint - _renyi_entropy_in_place(K_pp, alpha, base)
 
 
 # ====================================================================== bounded memory (exact)
@@ -843,11 +922,12 @@ def matrix_entropy_chunked(
         flat_sigma = _flat_bandwidth(sigma, batch_shape, Zc.dtype, Zc.device)
         out = []
         for part in _chunks(total, size):
-            K = _gaussian_gram_no_grad(
-                flat_Z[part], _part(flat_sigma, part), _part(flat_mask, part)
+            part_mask = _part(flat_mask, part)
+            D = _sq_distances_no_grad(flat_Z[part], part_mask)
+            out.append(
+                matrix_entropy_from_sq_distances(D, alpha, _part(flat_sigma, part), base, part_mask)
             )
-            out.append(_renyi_entropy_in_place(K, alpha, base))
-            del K
+            del D
         entropy = torch.cat(out).reshape(batch_shape)
         return _finish(entropy, counts if normalize else None, base, bad)
 
@@ -910,13 +990,14 @@ def conditional_entropy_proxy_chunked(
         flat_sigma = _flat_bandwidth(sigma, batch_shape, Z_joint.dtype, Z_joint.device)
         out = []
         for part in _chunks(total, size):
-            K = _gaussian_gram_no_grad(
-                Z_joint[part], _part(flat_sigma, part), _part(mask_joint, part)
+            part_mask = _part(mask_joint, part)
+            D = _sq_distances_no_grad(Z_joint[part], part_mask)
+            out.append(
+                conditional_entropy_proxy_from_sq_distances(
+                    D, n, alpha, _part(flat_sigma, part), base, part_mask
+                )
             )
-            K_pp = K[:, :n, :n].clone()
-            joint = _renyi_entropy_in_place(K, alpha, base)
-            del K
-            out.append(joint - _renyi_entropy_in_place(K_pp, alpha, base))
+            del D
         proxy = torch.cat(out).reshape(batch_shape)
         return _finish(proxy, counts if normalize else None, base, bad)
 

@@ -32,9 +32,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """``atomic_write_text`` of ``data`` as indented JSON."""
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:
+    """``atomic_write_text`` of ``data`` as JSON with sorted keys: indented by ``indent``
+    spaces, or on one line without spaces (``indent=None``: for large machine-read files,
+    written about twice as fast)."""
+    if indent is None:
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    else:
+        text = json.dumps(data, indent=indent, sort_keys=True)
+    return atomic_write_text(path, text + "\n")
 
 
 @contextmanager

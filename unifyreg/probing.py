@@ -19,7 +19,11 @@ length-normalised (entropies divided by log2 of the token count, proxies by log2
 joint count; kept counts when subsampled). Hidden states of one batch at a time are held
 in memory, as the adapter's per-layer tensors; role segments are gathered and cast one
 chunk of ``layers_per_chunk`` layers at a time; only per-sample scalars per layer are
-kept.
+kept. For short sequences (fewer than
+:data:`~unifyreg.estimators.SYMMETRIC_GRAM_MIN_TOKENS` positions) whose per-sample
+distance matrices fit ``max_gram_bytes``, ``exact`` computes each sample's pairwise
+distances once per layer and cuts every segment's (and every proxy's joint) distances
+out of them: the same values, fewer passes over the token vectors.
 
 unifyreg's scalar scores (our definitions, not the paper's; DESIGN.md), on the
 normalised per-layer means pooled over categories, ``Ht, Hi`` (encoding text/image) and
@@ -35,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,14 +49,19 @@ import torch
 
 from unifyreg.config import PROBE_METHODS, ProbeConfig
 from unifyreg.estimators import (
+    SYMMETRIC_GRAM_MIN_TOKENS,
     SLQSettings,
     conditional_entropy_proxy,
     conditional_entropy_proxy_chunked,
+    conditional_entropy_proxy_from_sq_distances,
     conditional_entropy_proxy_slq,
+    finite_tokens,
     matrix_entropy,
     matrix_entropy_chunked,
+    matrix_entropy_from_sq_distances,
     matrix_entropy_slq,
     normalize_by_count,
+    pairwise_sq_distances,
     subsample_tokens,
 )
 from unifyreg.fileio import atomic_write_json, atomic_write_text
@@ -220,8 +229,9 @@ class ProbeResult:
         return cls(tuple(data["layers"]), records, data.get("settings", {}), data.get("meta", {}))
 
     def save(self, path: str | Path) -> Path:
-        """Write JSON atomically (per-sample records, so it can be merged or re-analysed)."""
-        return atomic_write_json(path, self.to_dict())
+        """Write JSON atomically (per-sample records, so it can be merged or re-analysed;
+        one line: it is read by :meth:`load`, not by people)."""
+        return atomic_write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeResult:
@@ -462,6 +472,92 @@ def _plan(
     return plan
 
 
+def _sample_sq_distances(
+    chunk: Sequence[torch.Tensor], roles: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D, finite)``: ``D`` ``[c, B, S, S]`` the squared distances between every two
+    positions of each sample in each layer of ``chunk`` (in ``dtype``; each sample centred
+    on the mean of its finite non-padding tokens; non-finite tokens count as zero
+    vectors), ``finite`` ``[c, B, S]``."""
+    batch, seq_len = roles.shape
+    D = torch.empty((len(chunk), batch, seq_len, seq_len), dtype=dtype, device=roles.device)
+    finite = torch.empty((len(chunk), batch, seq_len), dtype=torch.bool, device=roles.device)
+    not_padding = roles != int(Role.PAD)
+    for j, h in enumerate(chunk):
+        Z = h.to(dtype)
+        finite[j] = finite_tokens(Z)
+        D[j] = pairwise_sq_distances(Z, not_padding & finite[j])
+    return D, finite
+
+
+def _quantities_from_sample_distances(
+    chunk: Sequence[torch.Tensor],
+    roles: torch.Tensor,
+    plan: dict[str, tuple[torch.Tensor, tuple[_Segment, ...]]],
+    alpha: float,
+    sigma: float | str,
+    base: float,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Each planned quantity ``[c, b]`` on one chunk of layers, without gradient, from one
+    distance matrix per sample and layer (:func:`_sample_sq_distances`): a segment's
+    distances are that matrix at the segment's positions (a proxy's joint sequence is the
+    prompt's positions, then the response's: the order the ``*_chunked`` functions
+    concatenate them in). The same values as those functions to round-off; a sequence
+    with a non-finite valid token gives NaN."""
+    D, finite = _sample_sq_distances(chunk, roles, dtype)
+    n_layers, _, seq_len = finite.shape
+    flat_D, flat_finite = D.view(n_layers, -1), finite.view(n_layers, -1)
+    out = {}
+    for name, (_, segments) in plan.items():
+        rows = segments[0].rows
+        index = torch.cat([seg.index for seg in segments], dim=1)
+        mask = torch.cat([seg.mask for seg in segments], dim=1)
+        b, k = index.shape
+        positions = rows[:, None] * seq_len + index  # [b, k] into [B * S]
+        pairs = positions[:, :, None] * seq_len + index[:, None, :]  # [b, k, k] into [B*S*S]
+        Dq = flat_D.index_select(1, pairs.flatten()).view(n_layers * b, k, k)
+        ok = flat_finite.index_select(1, positions.flatten()).view(n_layers, b, k) | ~mask
+        masks = mask.expand(n_layers, b, k).reshape(n_layers * b, k)
+        if len(segments) == 1:
+            values = matrix_entropy_from_sq_distances(Dq, alpha, sigma, base, masks)
+        else:
+            n = segments[0].index.shape[1]
+            values = conditional_entropy_proxy_from_sq_distances(Dq, n, alpha, sigma, base, masks)
+        values = values.view(n_layers, b)
+        out[name] = values.masked_fill_(~ok.all(dim=-1), float("nan"))
+    return out
+
+
+def _quantities_from_segments(
+    chunk: Sequence[torch.Tensor],
+    plan: dict[str, tuple[torch.Tensor, tuple[_Segment, ...]]],
+    gather_dtype: torch.dtype | None,
+    entropy_fn: Callable[..., torch.Tensor],
+    proxy_fn: Callable[..., torch.Tensor],
+    common: dict,
+) -> dict[str, torch.Tensor]:
+    """Each planned quantity ``[c, b]`` on one chunk of layers: each segment gathered
+    (cast to ``gather_dtype`` unless None) and passed to ``entropy_fn`` (one segment) or
+    ``proxy_fn`` (prompt, response) with the keyword arguments ``common``."""
+    out = {}
+    for name, (_, segments) in plan.items():
+        if len(segments) == 1:
+            (seg,) = segments
+            Z = _gather(chunk, seg, gather_dtype)
+            out[name] = entropy_fn(Z, mask=seg.mask.expand(len(chunk), *seg.mask.shape), **common)
+        else:
+            seg_p, seg_r = segments
+            out[name] = proxy_fn(
+                _gather(chunk, seg_p, gather_dtype),
+                _gather(chunk, seg_r, gather_dtype),
+                mask_p=seg_p.mask.expand(len(chunk), *seg_p.mask.shape),
+                mask_r=seg_r.mask.expand(len(chunk), *seg_r.mask.shape),
+                **common,
+            )
+    return out
+
+
 def batch_quantities(
     hidden_states: torch.Tensor | Sequence[torch.Tensor],
     roles: torch.Tensor,
@@ -495,6 +591,12 @@ def batch_quantities(
       :func:`~unifyreg.estimators.conditional_entropy_proxy`, differentiable;
     - ``method="exact"`` with ``max_gram_bytes``: the bounded-memory ``*_chunked``
       functions (equal values to round-off; identical values and gradients with gradient);
+      without gradient, when ``S < SYMMETRIC_GRAM_MIN_TOKENS`` and one layer's ``[B, S, S]``
+      distances fit ``max_gram_bytes``, each sample's distances are computed once per
+      layer and every segment's are cut out of them
+      (:func:`~unifyreg.estimators.matrix_entropy_from_sq_distances`,
+      :func:`~unifyreg.estimators.conditional_entropy_proxy_from_sq_distances`; equal
+      values to round-off);
     - ``method="slq"``: the approximate ``*_slq`` functions with ``slq`` settings (default
       :class:`~unifyreg.estimators.SLQSettings`), Grams in float32, no gradient: raises
       ``ValueError`` when ``hidden_states`` require gradient under grad mode.
@@ -537,25 +639,33 @@ def batch_quantities(
 
     plan = _plan(roles, quantities, max_tokens)
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in plan}
-    for start in range(0, n_layers, layers_per_chunk):
-        chunk = layers[start : start + layers_per_chunk]
-        for name, (_, segments) in plan.items():
-            if len(segments) == 1:
-                (seg,) = segments
-                Z = _gather(chunk, seg, gather_dtype)
-                values = entropy_fn(Z, mask=seg.mask.expand(len(chunk), *seg.mask.shape), **common)
-            else:
-                seg_p, seg_r = segments
-                Zp = _gather(chunk, seg_p, gather_dtype)
-                Zr = _gather(chunk, seg_r, gather_dtype)
-                values = proxy_fn(
-                    Zp,
-                    Zr,
-                    mask_p=seg_p.mask.expand(len(chunk), *seg_p.mask.shape),
-                    mask_r=seg_r.mask.expand(len(chunk), *seg_r.mask.shape),
-                    **common,
-                )
-                del Zp, Zr
+    batch, seq_len = roles.shape
+    sample_bytes = batch * seq_len**2 * torch.empty((), dtype=dtype).element_size()
+    if (
+        method == "exact"
+        and max_gram_bytes is not None
+        and not needs_grad
+        and seq_len < SYMMETRIC_GRAM_MIN_TOKENS
+        and sample_bytes <= max_gram_bytes
+    ):
+        # Short sequences: the cost is in passes over the token vectors, not in products,
+        # so each sample's distances are computed once per layer and every segment's
+        # are cut out of them.
+        per_chunk = min(layers_per_chunk, max_gram_bytes // sample_bytes)
+
+        def quantities_of(chunk: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+            return _quantities_from_sample_distances(chunk, roles, plan, alpha, sigma, base, dtype)
+
+    else:
+        per_chunk = layers_per_chunk
+
+        def quantities_of(chunk: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+            return _quantities_from_segments(
+                chunk, plan, gather_dtype, entropy_fn, proxy_fn, common
+            )
+
+    for start in range(0, n_layers, per_chunk):
+        for name, values in quantities_of(layers[start : start + per_chunk]).items():
             pieces[name].append(values)
 
     out: dict[str, BatchQuantity] = {}
