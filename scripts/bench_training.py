@@ -78,6 +78,18 @@ def recipe_probe_share() -> None:
             f"| {entry['epoch']} | {entry['seconds']:.3f} | {entry['cost']['probe/seconds']:.3f} "
             f"| {'-' if share is None else f'{100 * share:.1f}%'} |"
         )
+    # The whole run: every probe after an epoch against every epoch plus those probes
+    # (each epoch's training seconds recovered from its share).
+    probe_total = train_total = 0.0
+    for entry in history:
+        share = entry["cost"].get("probe/epoch_share")
+        if share:
+            seconds = entry["cost"]["probe/seconds"]
+            probe_total += seconds
+            train_total += seconds / share - seconds
+    if probe_total:
+        share = probe_total / (train_total + probe_total)
+        print(f"| all epochs | | {probe_total:.3f} | {100 * share:.1f}% |")
 
 
 def main(argv=None) -> int:
