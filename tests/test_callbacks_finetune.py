@@ -348,5 +348,15 @@ def test_merged_lora_inference_reuses_folded_weights_within_its_budget(
     assert (folded.logits - base.logits).abs().max() > 1e-3
     torch.testing.assert_close(disabled.logits, base.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(replaced.logits, base.logits, rtol=1e-5, atol=1e-5)
+    # Inference tensors have no version counter: folded per call, never kept.
+    with torch.inference_mode():
+        set_lora_b(lambda w: torch.randn_like(w) * 0.05)
+        unfolded = adapter.forward(batch, keep_logits=True)
+        builds.clear()
+        with merged_lora_inference(adapter.model):
+            for _ in range(2):
+                folded = adapter.forward(batch, keep_logits=True)
+    assert len(builds) == 2 * n
+    torch.testing.assert_close(folded.logits, unfolded.logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cache_bytes"), merged_lora_inference(adapter.model, -1):
         pass
