@@ -7,10 +7,10 @@ rank-16 component; float32, seeded), three paths compute the alpha = 1.01 entrop
 every layer's sequence (median bandwidth, bits):
 
 - ``exact``: :func:`unifyreg.estimators.matrix_entropy` (float64, all layers at once);
-- ``chunked``: :func:`unifyreg.estimators.matrix_entropy_chunked` (float64, the same
+- ``chunked``: :func:`unifyreg.estimators.matrix_entropy` with ``max_gram_bytes`` (float64, the same
   values to round-off, ``max_gram_bytes`` = 1 GiB, fast no-gradient Gram);
-- ``slq``: :func:`unifyreg.estimators.matrix_entropy_slq` (default ``SLQSettings``,
-  float32 Gram, 1 GiB chunks).
+- ``slq``: :func:`unifyreg.estimators.matrix_entropy` with ``method="slq"`` (default
+  ``SLQSettings``, float32 Gram, 1 GiB chunks).
 
 Each (path, n, d) runs in a fresh subprocess with ``--threads`` intra-op threads (torch,
 OpenMP, MKL and OpenBLAS; default 1: on a shared machine two OpenMP threads stall for
@@ -47,8 +47,6 @@ import torch
 
 from unifyreg.estimators import (
     matrix_entropy,
-    matrix_entropy_chunked,
-    matrix_entropy_slq,
     subsample_tokens,
 )
 
@@ -101,9 +99,9 @@ def call(method: str, Z: torch.Tensor) -> torch.Tensor:
     if method == "exact":
         return matrix_entropy(Z, alpha=ALPHA)
     if method == "chunked":
-        return matrix_entropy_chunked(Z, alpha=ALPHA, max_gram_bytes=GiB)
+        return matrix_entropy(Z, alpha=ALPHA, max_gram_bytes=GiB)
     if method == "slq":
-        return matrix_entropy_slq(Z, alpha=ALPHA, max_gram_bytes=GiB)
+        return matrix_entropy(Z, alpha=ALPHA, max_gram_bytes=GiB, method="slq")
     raise ValueError(method)
 
 
@@ -252,8 +250,8 @@ def numpy_table(n: int, d: int, layers: int, repeats: int) -> dict:
     t_research, h_research = best_time(lambda: np.array([loops.research_entropy(x) for x in X]), 1)
     t_tuned, _ = best_time(lambda: np.array([loops.tuned_entropy(x) for x in X]), 1)
     t_exact, h_exact = best_time(lambda: matrix_entropy(Z, alpha=ALPHA).numpy(), repeats)
-    t_chunked, _ = best_time(lambda: matrix_entropy_chunked(Z, alpha=ALPHA), repeats)
-    t_slq, h_slq = best_time(lambda: matrix_entropy_slq(Z, alpha=ALPHA).numpy(), repeats)
+    t_chunked, _ = best_time(lambda: matrix_entropy(Z, alpha=ALPHA), repeats)
+    t_slq, h_slq = best_time(lambda: matrix_entropy(Z, alpha=ALPHA, method="slq").numpy(), repeats)
     row = dict(
         n=n,
         d=d,
@@ -281,7 +279,7 @@ def numpy_table(n: int, d: int, layers: int, repeats: int) -> dict:
 def subsampling_table(n: int, d: int, layers: int, keeps: list[int]) -> list[dict]:
     """Entropy of a token subsample vs all tokens, per layer (exact, float64)."""
     Z = hidden_like(n, d, spread_layers(layers))
-    full = matrix_entropy_chunked(Z, alpha=ALPHA)
+    full = matrix_entropy(Z, alpha=ALPHA)
     full_norm = full / math.log2(n)
     rows = []
     print(
@@ -290,10 +288,10 @@ def subsampling_table(n: int, d: int, layers: int, keeps: list[int]) -> list[dic
         "|---|---|---|---|---|---|---|",
         flush=True,
     )
-    t_full, _ = best_time(lambda: matrix_entropy_chunked(Z, alpha=ALPHA), 1)
+    t_full, _ = best_time(lambda: matrix_entropy(Z, alpha=ALPHA), 1)
     for keep in keeps:
         Z_sub, _ = subsample_tokens(Z, None, keep, generator=0)
-        t_sub, sub = best_time(lambda Z_sub=Z_sub: matrix_entropy_chunked(Z_sub, alpha=ALPHA), 1)
+        t_sub, sub = best_time(lambda Z_sub=Z_sub: matrix_entropy(Z_sub, alpha=ALPHA), 1)
         sub_norm = sub / math.log2(keep)
         rho = spearman(full.numpy(), sub.numpy())
         row = dict(
@@ -318,6 +316,8 @@ def profile_phases(n: int, d: int, layers: int) -> dict:
     """Seconds per layer of each phase of the exact and the SLQ path (private helpers of
     unifyreg.estimators, replaying what the public functions do)."""
     from unifyreg import estimators as E
+    from unifyreg.estimators import slq
+    from unifyreg.estimators.kernel import median_bandwidth_by_selection, sq_distances_no_grad
 
     Z = hidden_like(n, d, spread_layers(layers))
     phases: dict[str, float] = {}
@@ -336,19 +336,19 @@ def profile_phases(n: int, d: int, layers: int) -> dict:
         A = timed("exact: normalise + symmetrise", lambda: 0.5 * (K + K.mT) / n)
         timed("exact: eigvalsh (float64)", lambda: torch.linalg.eigvalsh(A))
         settings = E.SLQSettings()
-        D = timed("SLQ: distances (float32, blocked)", lambda: E._sq_distances_no_grad(Z, None))
-        bw = timed("SLQ: median by selection", lambda: E._median_bandwidth_by_selection(D, None))
+        D = timed("SLQ: distances (float32, blocked)", lambda: sq_distances_no_grad(Z, None))
+        bw = timed("SLQ: median by selection", lambda: median_bandwidth_by_selection(D, None))
         A = timed(
             "SLQ: exp + normalise",
             lambda: D.mul_((-0.5 / bw**2)[:, None, None]).exp_().div_(n),
         )
-        omega, probes = E._slq_draws(n, settings, None, A.dtype, A.device)
+        omega, probes = slq._slq_draws(n, settings, None, A.dtype, A.device)
         k, batch = settings.deflation_rank, A.shape[0]
 
         def deflate():
-            Q = E._orthonormal_rows(omega.expand(batch, k, n) @ A)
+            Q = slq._orthonormal_rows(omega.expand(batch, k, n) @ A)
             for _ in range(settings.power_iterations - 1):
-                Q = E._orthonormal_rows(Q.to(A.dtype) @ A)
+                Q = slq._orthonormal_rows(Q.to(A.dtype) @ A)
             return Q
 
         Q = timed("SLQ: subspace iteration (deflation)", deflate)
@@ -356,15 +356,17 @@ def profile_phases(n: int, d: int, layers: int) -> dict:
         QA = timed("SLQ: Q A + Ritz vectors", lambda: Qc @ A)
         H = QA.double() @ Q.mT
         ritz = (torch.linalg.eigh(0.5 * (H + H.mT))[1].mT @ Q).to(A.dtype)
-        timed("SLQ: exact moments of the residual", lambda: E._projected_moments(A, Qc, QA))
+        timed("SLQ: exact moments of the residual", lambda: slq._projected_moments(A, Qc, QA))
         timed(
             "SLQ: Lanczos on Ritz vectors",
-            lambda: E._lanczos_quadrature(A, ritz, E.RITZ_LANCZOS_STEPS),
+            lambda: slq._lanczos_quadrature(A, ritz, E.RITZ_LANCZOS_STEPS),
         )
         V = probes.expand(batch, settings.num_probes, n) - 0
         for _ in range(2):
             V = V - (V @ Qc.mT) @ Qc
-        timed("SLQ: Lanczos on probes", lambda: E._lanczos_quadrature(A, V, settings.lanczos_steps))
+        timed(
+            "SLQ: Lanczos on probes", lambda: slq._lanczos_quadrature(A, V, settings.lanczos_steps)
+        )
     exact = sum(v for key, v in phases.items() if key.startswith("exact"))
     slq = sum(v for key, v in phases.items() if key.startswith("SLQ"))
     print(f"| phase (n = {n}, d = {d}, {layers} layers) | s/layer | share of its path |")
@@ -394,7 +396,7 @@ def sweep_table(n: int, d: int, layers: int, repeats: int, seeds: int = 3) -> li
     from unifyreg.estimators import SLQSettings
 
     Z = hidden_like(n, d, spread_layers(layers))
-    exact = matrix_entropy_chunked(Z, alpha=ALPHA)
+    exact = matrix_entropy(Z, alpha=ALPHA)
     print(
         f"| SLQ settings (n = {n}, d = {d}, {layers} layers x {seeds} seeds) | s/layer "
         "| max rel. error | mean rel. error |\n|---|---|---|---|",
@@ -403,11 +405,14 @@ def sweep_table(n: int, d: int, layers: int, repeats: int, seeds: int = 3) -> li
     rows = []
     for name, kwargs in SWEEP.items():
         settings = SLQSettings(**kwargs)
-        t, _ = best_time(lambda s=settings: matrix_entropy_slq(Z, alpha=ALPHA, settings=s), repeats)
+        t, _ = best_time(
+            lambda s=settings: matrix_entropy(Z, alpha=ALPHA, settings=s, method="slq"), repeats
+        )
         errors = torch.stack(
             [
                 (
-                    matrix_entropy_slq(Z, alpha=ALPHA, settings=settings, generator=seed) - exact
+                    matrix_entropy(Z, alpha=ALPHA, settings=settings, generator=seed, method="slq")
+                    - exact
                 ).abs()
                 / exact
                 for seed in range(seeds)

@@ -8,9 +8,9 @@ strongly anisotropic at the top, shared massive activations) is computed by
 - ``exact64``: :func:`unifyreg.estimators.matrix_entropy` in float64 (one batched Gram
   and one batched ``eigvalsh`` over the 24 layers);
 - ``exact32``: the same in float32 (the accuracy column compares it with ``exact64``);
-- ``chunked64``: :func:`unifyreg.estimators.matrix_entropy_chunked`, float64, with a
+- ``chunked64``: :func:`unifyreg.estimators.matrix_entropy` with ``max_gram_bytes``, float64, with a
   1 GiB Gram budget (bounded memory; equal to ``exact64`` to round-off);
-- ``slq``: :func:`unifyreg.estimators.matrix_entropy_slq`, default ``SLQSettings``
+- ``slq``: :func:`unifyreg.estimators.matrix_entropy` with ``method="slq"``, default ``SLQSettings``
   (float32 Gram).
 
 Time: CUDA-synchronised wall time, best of ``--repeats`` after one warm-up call. Peak
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unifyreg.estimators import matrix_entropy, matrix_entropy_chunked, matrix_entropy_slq
+from unifyreg.estimators import matrix_entropy
 
 ALPHA = 1.01
 GiB = 2**30
@@ -65,9 +65,9 @@ def call(method: str, Z: torch.Tensor) -> torch.Tensor:
     if method == "exact32":
         return matrix_entropy(Z, alpha=ALPHA, dtype=torch.float32)
     if method == "chunked64":
-        return matrix_entropy_chunked(Z, alpha=ALPHA, max_gram_bytes=GiB)
+        return matrix_entropy(Z, alpha=ALPHA, max_gram_bytes=GiB)
     if method == "slq":
-        return matrix_entropy_slq(Z, alpha=ALPHA, max_gram_bytes=GiB)
+        return matrix_entropy(Z, alpha=ALPHA, max_gram_bytes=GiB, method="slq")
     raise ValueError(method)
 
 

@@ -13,10 +13,10 @@ intra-op threads; default 1, see scripts/bench_estimators_approx.py for why) on
 
 - ``exact``: ``probe.method=exact`` with no Gram limit (``max_gram_bytes`` = 2^62: each
   layer chunk's Grams at once; the exact bounded-memory functions
-  ``matrix_entropy_chunked`` / ``conditional_entropy_proxy_chunked``, float64);
+  ``matrix_entropy`` / ``conditional_entropy_proxy`` with ``max_gram_bytes``, float64);
 - ``chunked``: the probe's defaults, ``probe.method=exact`` with ``probe.max_gram_bytes``
   = 256 MiB;
-- ``slq``: ``probe.method=slq`` (``matrix_entropy_slq`` / ``conditional_entropy_proxy_slq``,
+- ``slq``: ``probe.method=slq`` (the same entries with ``method="slq"``,
   default ``SLQSettings``, float32 Grams, 256 MiB of Gram at a time);
 - ``forward`` (with ``--methods forward``): the model's forward passes alone, batch by
   batch as the probe runs them, to separate the model's memory from the probe's.
@@ -143,7 +143,7 @@ def layer_subsampling(result, steps: list[int]) -> list[dict]:
 
 def token_subsampling(adapter, examples, batch_size: int, keeps: list[int]) -> list[dict]:
     """Text-prompt entropies of the model's own hidden states: all tokens vs a subsample."""
-    from unifyreg.estimators import matrix_entropy_chunked, subsample_tokens
+    from unifyreg.estimators import matrix_entropy, subsample_tokens
     from unifyreg.roles import Role, role_segments
 
     texts = [e for e in examples if e.prompt_image is None][:batch_size]
@@ -151,12 +151,12 @@ def token_subsampling(adapter, examples, batch_size: int, keeps: list[int]) -> l
         out = adapter.forward(adapter.encode(texts))
     Z, mask = role_segments(out.hidden_states, out.roles, Role.TEXT_PROMPT)
     mask = mask.expand(Z.shape[0], *mask.shape)
-    full = matrix_entropy_chunked(Z, mask=mask)  # [layers, B]
+    full = matrix_entropy(Z, mask=mask)  # [layers, B]
     counts = mask[0].sum(-1).double()
     rows = []
     for keep in keeps:
         Z_sub, mask_sub = subsample_tokens(Z, mask[0], keep, generator=0)
-        sub = matrix_entropy_chunked(Z_sub, mask=mask_sub.expand(Z.shape[0], *mask_sub.shape))
+        sub = matrix_entropy(Z_sub, mask=mask_sub.expand(Z.shape[0], *mask_sub.shape))
         kept = mask_sub.sum(-1).double()
         norm_full, norm_sub = full / torch.log2(counts), sub / torch.log2(kept)
         layer_full, layer_sub = full.mean(1).numpy(), sub.mean(1).numpy()

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from unifyreg.adapters.toy import ToyAdapter, ToyModelConfig
+from unifyreg.adapters.toy import ToyAdapter
 from unifyreg.toy import WordTokenizer, WorldConfig, build_splits
+from unifyreg.toy.model import ToyModelConfig
 
 TINY_MODEL = ToyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 TINY_WORLD = WorldConfig(
@@ -61,7 +62,7 @@ TINY_PRETRAIN = [
 def tiny_base_overrides(tmp_path_factory):
     """`pretrain.*` overrides naming a tiny toy base, built once per test session."""
     from unifyreg.config import PretrainToyConfig, load_config
-    from unifyreg.recipes.pretrain_toy import build_toy_base
+    from unifyreg.toy.base import build_toy_base
 
     overrides = [*TINY_PRETRAIN, f"cache_dir={tmp_path_factory.mktemp('toy-cache')}"]
     build_toy_base(load_config(PretrainToyConfig, None, overrides), log=lambda *_: None)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from unifyreg.adapters import ToyAdapter, available_adapters, get_adapter_class
+from unifyreg.adapters import available_adapters, get_adapter_class
+from unifyreg.adapters.toy import ToyAdapter
 from unifyreg.roles import Role
 from unifyreg.toy import Example
 

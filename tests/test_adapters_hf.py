@@ -10,16 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from unifyreg.adapters import (
-    ChameleonAdapter,
-    Emu3Adapter,
-    JanusAdapter,
-    available_adapters,
-    get_adapter_class,
-)
-from unifyreg.adapters.chameleon import save_tiny_chameleon
-from unifyreg.adapters.emu3 import save_tiny_emu3
-from unifyreg.adapters.janus import save_tiny_janus
+from unifyreg.adapters import available_adapters, get_adapter_class
+from unifyreg.adapters.chameleon import ChameleonAdapter, save_tiny_chameleon
+from unifyreg.adapters.emu3 import Emu3Adapter, save_tiny_emu3
+from unifyreg.adapters.janus import JanusAdapter, save_tiny_janus
 from unifyreg.manifest import ManifestExample
 from unifyreg.roles import Role
 

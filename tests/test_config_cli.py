@@ -7,6 +7,7 @@ import pytest
 
 from unifyreg.cli import main
 from unifyreg.config import ConfigError, EvalConfig, PretrainToyConfig, load_config
+from unifyreg.toy.base import cache_key, cache_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
         ("max_step=5", "unknown config key 'max_step'; valid keys under <top level>: world"),
         ("model.width=5", "unknown config key 'model.width'; valid keys under model: hidden_size"),
         ("max_steps=many", "bad value for config key 'max_steps'"),
-        ("max_steps=0", "max_steps must be >= 1"),
+        ("max_steps=0", "max_steps must be an integer >= 1"),
         ("optim.lr=-1", "optim.lr must be a finite number > 0"),
         ("model.num_heads=3", "divisible by model.num_heads"),
         ("world.grid_size=1", "grid_size must be between 2"),
@@ -46,27 +47,27 @@ def test_bad_files_raise_config_errors(tmp_path):
 
 
 def test_cache_key_tracks_what_changes_the_weights():
-    base = PretrainToyConfig()
-    assert base.cache_key() == PretrainToyConfig().cache_key()
-    assert base.cache_key() != PretrainToyConfig(max_steps=10).cache_key()
+    base = cache_key(PretrainToyConfig())
+    assert base == cache_key(PretrainToyConfig())
+    assert base != cache_key(PretrainToyConfig(max_steps=10))
     # Where the cache lives and whether to evaluate do not change the weights.
-    assert base.cache_key() == PretrainToyConfig(cache_dir="/elsewhere", evaluate=False).cache_key()
+    assert base == cache_key(PretrainToyConfig(cache_dir="/elsewhere", evaluate=False))
 
 
 def test_the_pretrain_file_builds_the_base_every_other_recipe_uses():
     # eval / probe / finetune / ablate take the toy base of their `pretrain` section, whose
     # defaults are the dataclass's: configs/toy/pretrain.yaml must name the same base.
     from_file = load_config(PretrainToyConfig, ROOT / "configs/toy/pretrain.yaml")
-    assert from_file.cache_key() == PretrainToyConfig().cache_key()
-    assert EvalConfig().pretrain.cache_key() == from_file.cache_key()
+    assert cache_key(from_file) == cache_key(PretrainToyConfig())
+    assert cache_key(EvalConfig().pretrain) == cache_key(from_file)
 
 
 def test_cache_key_covers_the_toy_sequence_layout(monkeypatch):
-    import unifyreg.config as config_module
+    import unifyreg.toy.base as toy_base
 
-    before = PretrainToyConfig().cache_key()
-    monkeypatch.setattr(config_module, "LAYOUT_VERSION", config_module.LAYOUT_VERSION + 1)
-    assert PretrainToyConfig().cache_key() != before
+    before = cache_key(PretrainToyConfig())
+    monkeypatch.setattr(toy_base, "LAYOUT_VERSION", toy_base.LAYOUT_VERSION + 1)
+    assert cache_key(PretrainToyConfig()) != before
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
@@ -98,7 +99,7 @@ def test_pretrain_toy_builds_then_reuses_and_eval_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "toy base saved to" in out and "| headline | accuracy |" in out
     cfg = load_config(PretrainToyConfig, None, [*TINY, cache])
-    base = cfg.cache_path()
+    base = cache_path(cfg)
     for name in (
         "model.safetensors",
         "config.json",
@@ -157,13 +158,13 @@ def test_probe_command_writes_tables_figures_and_scores(tmp_path, capsys):
     [
         (["model.adapter=gpt5"], "model.adapter: unknown adapter 'gpt5'"),
         (["model.adapter=emu3"], "model.path is required for adapter 'emu3'"),
-        (["model.adapter=janus", "model.path=/tmp"], "probe_set=toy only fits the toy adapter"),
+        (["model.adapter=janus", "model.path=/tmp"], "probe_set is required for adapter 'janus'"),
         (["model.path=/not/a/dir"], "model.path: directory '/not/a/dir' does not exist"),
         (["probe_set=/no/such.jsonl"], "probe_set: expected 'toy' or a manifest"),
-        (["probe.alpha=0"], "probe.alpha must be > 0"),
-        (["probe.bandwidth=wide"], "probe.bandwidth must be 'median' or a number"),
-        (["probe.responses=sampled"], "probe.responses must be 'reference' or 'generated'"),
-        (["on_bad_example=ignore"], "on_bad_example must be 'error' or 'skip'"),
+        (["probe.alpha=0"], "probe.alpha must be a finite number > 0"),
+        (["probe.bandwidth=wide"], "probe.bandwidth must be a rule (median, median_differentiable) or a number > 0"),
+        (["probe.responses=sampled"], "probe.responses must be one of reference, generated"),
+        (["on_bad_example=ignore"], "on_bad_example must be one of error, skip"),
     ],
 )
 def test_probe_config_errors_stop_before_work(overrides, message, capsys):

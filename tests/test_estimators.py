@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unifyreg.estimators import (
+    Segments,
+    TokenBatch,
     calibrate_bandwidth,
     conditional_entropy_proxy,
-    conditional_entropy_proxy_from_sq_distances,
     finite_tokens,
     gaussian_gram,
     matrix_entropy,
-    matrix_entropy_from_sq_distances,
     median_bandwidth,
     pairwise_sq_distances,
     renyi_entropy,
@@ -201,47 +201,67 @@ def test_pairwise_distances_are_exact_on_diagonal_and_nonnegative():
     torch.testing.assert_close(D, exact, rtol=1e-10, atol=1e-9)
 
 
+def _segments_of(Z, mask, start, stop):
+    """Segments of Z ``[B, S, d]`` at positions ``start:stop`` of every row (``mask``'s)."""
+    tokens = TokenBatch([Z], valid=torch.ones(Z.shape[:2], dtype=torch.bool))
+    rows = torch.arange(Z.shape[0])
+    index = torch.arange(start, stop).expand(Z.shape[0], stop - start)
+    return tokens, tokens.segments(rows, index, mask[:, start:stop])
+
+
 @pytest.mark.parametrize("sigma", ["median", 0.7])
-def test_entropies_from_sq_distances_equal_those_from_the_tokens(sigma):
+@pytest.mark.parametrize("max_gram_bytes", [None, 2**20])  # gathered / shared distances
+def test_segments_give_the_entropies_of_their_tokens(sigma, max_gram_bytes):
     Z = torch.randn(3, 12, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     mask = torch.ones(3, 12, dtype=torch.bool)
     mask[1, 9:] = False  # padded response
     mask[2, 4] = False  # a masked prompt token
-    H = matrix_entropy_from_sq_distances(pairwise_sq_distances(Z, mask), sigma=sigma, mask=mask)
-    torch.testing.assert_close(H, matrix_entropy(Z, sigma=sigma, mask=mask), rtol=0, atol=1e-10)
+    tokens, whole = _segments_of(Z, mask, 0, 12)
+    assert tokens.shares_distances(torch.float64, max_gram_bytes) == (max_gram_bytes is not None)
+    H = matrix_entropy(whole, sigma=sigma, max_gram_bytes=max_gram_bytes)
+    assert H.shape == (1, 3)
+    expected = matrix_entropy(Z, sigma=sigma, mask=mask)
+    torch.testing.assert_close(H[0], expected, rtol=0, atol=1e-10)
     n = 5
-    C = conditional_entropy_proxy_from_sq_distances(
-        pairwise_sq_distances(Z, mask), n, sigma=sigma, mask=mask
+    prompt = tokens.segments(whole.rows, whole.index[:, :n], mask[:, :n])
+    response = tokens.segments(whole.rows, whole.index[:, n:], mask[:, n:])
+    C = conditional_entropy_proxy(
+        prompt, response, sigma=sigma, normalize=True, max_gram_bytes=max_gram_bytes
     )
     expected = conditional_entropy_proxy(
-        Z[:, :n], Z[:, n:], sigma=sigma, mask_p=mask[:, :n], mask_r=mask[:, n:]
+        Z[:, :n], Z[:, n:], sigma=sigma, mask_p=mask[:, :n], mask_r=mask[:, n:], normalize=True
     )
-    torch.testing.assert_close(C, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(C[0], expected, rtol=0, atol=1e-10)
 
 
-def test_entropies_from_sq_distances_reject_bad_input():
-    D = pairwise_sq_distances(torch.randn(2, 6, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"\[B, n, n\]"):
-        matrix_entropy_from_sq_distances(D[0])
-    with pytest.raises(ValueError, match=r"\[B, n, n\]"):
-        matrix_entropy_from_sq_distances(D[:, :, :5])
-    with pytest.raises(TypeError, match="floating-point"):
-        matrix_entropy_from_sq_distances(D.long())
-    with pytest.raises(ValueError, match=r"mask must have shape \(2, 6\)"):
-        matrix_entropy_from_sq_distances(D.clone(), mask=torch.ones(2, 5, dtype=torch.bool))
-    empty = torch.ones(2, 6, dtype=torch.bool)
+def test_segments_reject_bad_input():
+    Z = torch.randn(2, 6, 3, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    tokens, whole = _segments_of(Z, mask, 0, 6)
+    with pytest.raises(ValueError, match=r"index and mask must both be \[b, k\]"):
+        tokens.segments(whole.rows, whole.index, mask[:, :5])
+    with pytest.raises(ValueError, match=r"rows must be \[b\]"):
+        tokens.segments(whole.rows[:1], whole.index, mask)
+    with pytest.raises(ValueError, match="valid must have shape"):
+        TokenBatch([Z], valid=mask[0])
+    with pytest.raises(ValueError, match="matching valid"):
+        TokenBatch([Z[:, :5]], valid=mask)
+    empty = mask.clone()
     empty[1] = False
-    with pytest.raises(ValueError, match="no valid token"):
-        matrix_entropy_from_sq_distances(D.clone(), mask=empty)
-    for n in (0, 6):
-        with pytest.raises(ValueError, match="first n positions"):
-            conditional_entropy_proxy_from_sq_distances(D.clone(), n)
-    no_prompt = torch.ones(2, 6, dtype=torch.bool)
-    no_prompt[0, :2] = False
-    with pytest.raises(ValueError, match="first n positions"):
-        conditional_entropy_proxy_from_sq_distances(D.clone(), 2, mask=no_prompt)
+    for budget in (None, 2**20):
+        with pytest.raises(ValueError, match="no valid token"):
+            matrix_entropy(tokens.segments(whole.rows, whole.index, empty), max_gram_bytes=budget)
+    with pytest.raises(ValueError, match="own mask"):
+        matrix_entropy(whole, mask=mask)
+    other, _ = _segments_of(Z, mask, 0, 6)
+    foreign = other.segments(whole.rows, whole.index, mask)
+    with pytest.raises(ValueError, match="share their TokenBatch"):
+        conditional_entropy_proxy(whole, foreign)
+    with pytest.raises(TypeError, match="both be Segments"):
+        conditional_entropy_proxy(whole, Z)
     with pytest.raises(ValueError, match="alpha"):
-        matrix_entropy_from_sq_distances(D.clone(), alpha=0.0)
+        matrix_entropy(whole, alpha=0.0)
+    assert isinstance(whole, Segments)
 
 
 def test_finite_tokens_flags_tokens_with_any_non_finite_entry():
@@ -466,7 +486,7 @@ def test_order2_fast_path_passes_gradcheck():
 
 
 def test_finite_check_is_exact_when_finite_values_overflow_a_token_sum():
-    from unifyreg.estimators import _prepare
+    from unifyreg.estimators._checks import prepare as _prepare
 
     # Finite entries whose per-token sum overflows must not be taken for NaN/Inf input.
     Z = torch.full((2, 3, 4), 1e308, dtype=torch.float64)

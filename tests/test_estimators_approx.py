@@ -14,24 +14,23 @@ from unifyreg.estimators import (
     SLQ_ERROR_BOUND,
     SLQSettings,
     conditional_entropy_proxy,
-    conditional_entropy_proxy_chunked,
-    conditional_entropy_proxy_slq,
     gaussian_gram,
     gram_chunk_size,
     matrix_entropy,
-    matrix_entropy_chunked,
-    matrix_entropy_slq,
     median_bandwidth,
     renyi_entropy,
-    renyi_entropy_slq,
     subsample_tokens,
 )
-from unifyreg.estimators import (
-    _median_bandwidth_by_selection as median_by_selection,
-)
-from unifyreg.estimators import (
-    _sq_distances_no_grad as sq_distances_no_grad,
-)
+from unifyreg.estimators.kernel import median_bandwidth_by_selection as median_by_selection
+from unifyreg.estimators.kernel import sq_distances_no_grad
+
+
+def differentiable(estimator, *tensors, **kwargs):
+    """The estimator's autograd path (a gradient requested), detached: the reference the
+    no-gradient paths must equal to round-off."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    return estimator(*leaves, **kwargs).detach()
+
 
 DOCUMENTED_RELATIVE_ERROR = 0.01
 
@@ -111,14 +110,14 @@ def test_slq_meets_documented_error_bound(kind, n):
     for alpha in (1.0, 1.01, 1.5):
         exact = matrix_entropy(Z, alpha=alpha, sigma=sigma)
         for seed in range(3):
-            approx = matrix_entropy_slq(Z, alpha=alpha, sigma=sigma, generator=seed)
+            approx = matrix_entropy(Z, alpha=alpha, sigma=sigma, generator=seed, method="slq")
             assert within_documented_bound(approx, exact), (alpha, seed, approx, exact)
 
 
 def test_slq_is_much_more_accurate_than_the_bound_on_typical_inputs():
     # Not the contract, a regression guard: typical errors are ~0.1 %.
     Z = torch.stack([sequences(kind, 640, seed=1)[0] for kind in ("isotropic", "low_rank")])
-    assert relative_error(matrix_entropy_slq(Z), matrix_entropy(Z)) <= 0.003
+    assert relative_error(matrix_entropy(Z, method="slq"), matrix_entropy(Z)) <= 0.003
 
 
 def test_slq_on_a_gram_matches_exact_renyi_entropy_in_any_base():
@@ -126,9 +125,9 @@ def test_slq_on_a_gram_matches_exact_renyi_entropy_in_any_base():
     K = gaussian_gram(Z)
     for base in (2.0, math.e):
         exact = renyi_entropy(K, alpha=1.01, base=base)
-        approx = renyi_entropy_slq(K, alpha=1.01, base=base)
+        approx = renyi_entropy(K, alpha=1.01, base=base, method="slq")
         assert relative_error(approx, exact) <= DOCUMENTED_RELATIVE_ERROR
-    float32 = renyi_entropy_slq(K.float(), alpha=1.01)
+    float32 = renyi_entropy(K.float(), alpha=1.01, method="slq")
     assert float32.dtype == torch.float64
     assert relative_error(float32, renyi_entropy(K, alpha=1.01)) <= DOCUMENTED_RELATIVE_ERROR
 
@@ -136,9 +135,9 @@ def test_slq_on_a_gram_matches_exact_renyi_entropy_in_any_base():
 def test_slq_extremes_identical_and_far_apart_tokens():
     settings = SLQSettings(exact_max_tokens=0)
     identical = torch.ones(2, 600, 600, dtype=torch.float64)
-    assert renyi_entropy_slq(identical, settings=settings).abs().max() <= 1e-3
+    assert renyi_entropy(identical, settings=settings, method="slq").abs().max() <= 1e-3
     far_apart = torch.eye(600, dtype=torch.float64)
-    H = renyi_entropy_slq(far_apart, settings=settings)
+    H = renyi_entropy(far_apart, settings=settings, method="slq")
     assert H.item() == pytest.approx(math.log2(600), rel=1e-6)
 
 
@@ -147,7 +146,7 @@ def test_conditional_proxy_slq_within_sum_of_entropy_bounds():
     noise = torch.randn(300, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for Zr in (Zp[:300] + 0.1 * noise, noise):
         exact = conditional_entropy_proxy(Zp, Zr)
-        approx = conditional_entropy_proxy_slq(Zp, Zr)
+        approx = conditional_entropy_proxy(Zp, Zr, method="slq")
         bound = (
             DOCUMENTED_RELATIVE_ERROR * (matrix_entropy(torch.cat([Zp, Zr])) + matrix_entropy(Zp))
             + 2 * SLQ_ERROR_BOUND[1]
@@ -157,9 +156,11 @@ def test_conditional_proxy_slq_within_sum_of_entropy_bounds():
 
 def test_alpha_two_and_short_sequences_are_exact():
     Z = torch.randn(3, 300, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    torch.testing.assert_close(matrix_entropy_slq(Z, alpha=2.0), matrix_entropy(Z, alpha=2.0))
     torch.testing.assert_close(
-        matrix_entropy_slq(Z, settings=SLQSettings(exact_max_tokens=300)),
+        matrix_entropy(Z, alpha=2.0, method="slq"), matrix_entropy(Z, alpha=2.0)
+    )
+    torch.testing.assert_close(
+        matrix_entropy(Z, settings=SLQSettings(exact_max_tokens=300), method="slq"),
         matrix_entropy(Z),
         rtol=0,
         atol=1e-9,
@@ -171,20 +172,22 @@ def test_alpha_two_and_short_sequences_are_exact():
 
 def test_slq_is_deterministic_under_a_seed():
     Z, _ = sequences("low_rank", 600)
-    first = matrix_entropy_slq(Z, generator=5)
-    assert torch.equal(first, matrix_entropy_slq(Z, generator=5))
-    assert torch.equal(first, matrix_entropy_slq(Z, generator=torch.Generator().manual_seed(5)))
-    assert torch.equal(first, matrix_entropy_slq(Z, settings=SLQSettings(seed=5)))
-    assert not torch.equal(first, matrix_entropy_slq(Z, generator=6))
+    first = matrix_entropy(Z, generator=5, method="slq")
+    assert torch.equal(first, matrix_entropy(Z, generator=5, method="slq"))
+    assert torch.equal(
+        first, matrix_entropy(Z, generator=torch.Generator().manual_seed(5), method="slq")
+    )
+    assert torch.equal(first, matrix_entropy(Z, settings=SLQSettings(seed=5), method="slq"))
+    assert not torch.equal(first, matrix_entropy(Z, generator=6, method="slq"))
 
 
 def test_slq_trailing_padding_gives_the_trimmed_estimate():
     Z = torch.randn(2, 3, 700, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     lengths = [700, 520, 611]
     mask = torch.arange(700)[None, :] < torch.tensor(lengths)[:, None]
-    padded = matrix_entropy_slq(Z, mask=mask.expand(2, 3, 700), normalize=True)
+    padded = matrix_entropy(Z, mask=mask.expand(2, 3, 700), normalize=True, method="slq")
     for b, length in enumerate(lengths):
-        trimmed = matrix_entropy_slq(Z[:, b, :length], normalize=True)
+        trimmed = matrix_entropy(Z[:, b, :length], normalize=True, method="slq")
         torch.testing.assert_close(padded[:, b], trimmed, rtol=1e-4, atol=1e-6)
 
 
@@ -192,14 +195,17 @@ def test_slq_arbitrary_mask_stays_within_the_bound():
     Z, _ = sequences("clustered", 900, seed=4)
     mask = torch.rand(900, generator=torch.Generator().manual_seed(0)) < 0.7
     exact = matrix_entropy(Z, mask=mask)
-    assert relative_error(matrix_entropy_slq(Z, mask=mask), exact) <= DOCUMENTED_RELATIVE_ERROR
+    assert (
+        relative_error(matrix_entropy(Z, mask=mask, method="slq"), exact)
+        <= DOCUMENTED_RELATIVE_ERROR
+    )
 
 
 def test_slq_batch_and_chunking_do_not_change_values():
     Z = torch.stack([sequences(kind, 600)[0] for kind in ("isotropic", "clustered", "low_rank")])
-    together = matrix_entropy_slq(Z)
-    one_by_one = torch.stack([matrix_entropy_slq(z) for z in Z])
-    chunked = matrix_entropy_slq(Z, max_gram_bytes=1)  # one sequence per chunk
+    together = matrix_entropy(Z, method="slq")
+    one_by_one = torch.stack([matrix_entropy(z, method="slq") for z in Z])
+    chunked = matrix_entropy(Z, max_gram_bytes=1, method="slq")  # one sequence per chunk
     torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=0)
     torch.testing.assert_close(together, chunked, rtol=1e-5, atol=0)
 
@@ -210,25 +216,33 @@ def test_slq_proxy_padding_and_normalisation():
     Zr = torch.randn(2, 200, 16, generator=g, dtype=torch.float64)
     mask_r = torch.ones(2, 200, dtype=torch.bool)
     mask_r[1, 150:] = False
-    padded = conditional_entropy_proxy_slq(Zp, Zr, mask_r=mask_r, normalize=True)
+    padded = conditional_entropy_proxy(Zp, Zr, mask_r=mask_r, normalize=True, method="slq")
     exact = conditional_entropy_proxy(Zp, Zr, mask_r=mask_r, normalize=True)
     assert padded.shape == (2,)
     assert (padded - exact).abs().max() <= 0.01
 
 
-def test_slq_returns_no_gradient():
+def test_slq_has_no_gradient_and_refuses_to_pretend():
     Z = torch.randn(600, 8, dtype=torch.float64, requires_grad=True)
-    H = matrix_entropy_slq(Z)
-    assert not H.requires_grad
-    assert not conditional_entropy_proxy_slq(Z[:300], Z[300:]).requires_grad
+    with torch.no_grad():
+        H = matrix_entropy(Z, method="slq")
+        proxy = conditional_entropy_proxy(Z[:300], Z[300:], method="slq")
+    assert not H.requires_grad and not proxy.requires_grad
+    for call in (
+        lambda: matrix_entropy(Z, method="slq"),
+        lambda: conditional_entropy_proxy(Z[:300], Z[300:], method="slq"),
+        lambda: renyi_entropy(gaussian_gram(Z), method="slq"),
+    ):
+        with pytest.raises(ValueError, match="no gradient.*method='exact'"):
+            call()
 
 
 def test_slq_nan_policy():
     Z = torch.randn(3, 600, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     Z[1, 7, 2] = math.nan
     with pytest.raises(ValueError, match="NaN or Inf"):
-        matrix_entropy_slq(Z)
-    H = matrix_entropy_slq(Z, nan_policy="propagate")
+        matrix_entropy(Z, method="slq")
+    H = matrix_entropy(Z, nan_policy="propagate", method="slq")
     assert torch.isnan(H).tolist() == [False, True, False]
 
 
@@ -255,25 +269,25 @@ def test_bad_settings_raise(kwargs):
 def test_bad_arguments_raise_clear_errors():
     Z = torch.randn(600, 8)
     with pytest.raises(ValueError, match="alpha"):
-        matrix_entropy_slq(Z, alpha=0.0)
+        matrix_entropy(Z, alpha=0.0, method="slq")
     with pytest.raises(ValueError, match="base"):
-        matrix_entropy_slq(Z, base=1.0)
+        matrix_entropy(Z, base=1.0, method="slq")
     with pytest.raises(ValueError, match="max_gram_bytes"):
-        matrix_entropy_slq(Z, max_gram_bytes=0)
+        matrix_entropy(Z, max_gram_bytes=0, method="slq")
     with pytest.raises(ValueError, match="mask"):
-        matrix_entropy_slq(Z, mask=torch.ones(5, dtype=torch.bool))
+        matrix_entropy(Z, mask=torch.ones(5, dtype=torch.bool), method="slq")
     with pytest.raises(ValueError, match="no valid token"):
-        matrix_entropy_slq(Z, mask=torch.zeros(600, dtype=torch.bool))
+        matrix_entropy(Z, mask=torch.zeros(600, dtype=torch.bool), method="slq")
     with pytest.raises(ValueError, match="bandwidth"):
-        matrix_entropy_slq(Z, sigma=-1.0)
+        matrix_entropy(Z, sigma=-1.0, method="slq")
     with pytest.raises(ValueError, match="shape"):
-        renyi_entropy_slq(torch.ones(3, 4))
+        renyi_entropy(torch.ones(3, 4), method="slq")
     with pytest.raises(ValueError, match="share batch dims"):
-        conditional_entropy_proxy_slq(Z, torch.randn(600, 9))
+        conditional_entropy_proxy(Z, torch.randn(600, 9), method="slq")
     with pytest.raises(TypeError, match="settings"):
-        matrix_entropy_slq(Z, settings={"num_probes": 8})
+        matrix_entropy(Z, settings={"num_probes": 8}, method="slq")
     with pytest.raises(TypeError, match="generator"):
-        matrix_entropy_slq(Z, generator="seed")
+        matrix_entropy(Z, generator="seed", method="slq")
     with pytest.raises(TypeError, match="max_gram_bytes"):
         gram_chunk_size(10, 8, 1.5)
 
@@ -288,11 +302,9 @@ def test_chunked_exact_equals_matrix_entropy(alpha):
     mask = torch.rand(3, 90, generator=g) < 0.8
     mask[0] = True
     mask = mask.expand(2, 3, 90)
-    expected = matrix_entropy(Z, alpha=alpha, mask=mask, normalize=True)
+    expected = differentiable(matrix_entropy, Z, alpha=alpha, mask=mask, normalize=True)
     for limit in (None, 1, 90 * 90 * 8 * 4):
-        got = matrix_entropy_chunked(
-            Z, alpha=alpha, mask=mask, normalize=True, max_gram_bytes=limit
-        )
+        got = matrix_entropy(Z, alpha=alpha, mask=mask, normalize=True, max_gram_bytes=limit)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
 
@@ -302,8 +314,8 @@ def test_chunked_exact_long_sequences_and_per_sequence_bandwidth():
     sigma = torch.tensor([3.0, 5.0], dtype=torch.float64)
     for s in ("median", sigma):
         torch.testing.assert_close(
-            matrix_entropy_chunked(Z, sigma=s, max_gram_bytes=1),
-            matrix_entropy(Z, sigma=s),
+            matrix_entropy(Z, sigma=s, max_gram_bytes=1),
+            differentiable(matrix_entropy, Z, sigma=s),
             rtol=0,
             atol=1e-9,
         )
@@ -311,7 +323,7 @@ def test_chunked_exact_long_sequences_and_per_sequence_bandwidth():
 
 def test_chunked_exact_keeps_gradients():
     Z = torch.randn(3, 20, 4, dtype=torch.float64, requires_grad=True)
-    H = matrix_entropy_chunked(Z, max_gram_bytes=1)
+    H = matrix_entropy(Z, max_gram_bytes=1)
     torch.testing.assert_close(H, matrix_entropy(Z))
     H.sum().backward()
     assert Z.grad is not None and torch.isfinite(Z.grad).all()
@@ -322,8 +334,8 @@ def test_chunked_exact_proxy_equals_exact_proxy():
     Zp = torch.randn(4, 60, 8, generator=g, dtype=torch.float64)
     Zr = torch.randn(4, 30, 8, generator=g, dtype=torch.float64)
     mask_p = torch.rand(4, 60, generator=g) < 0.9
-    expected = conditional_entropy_proxy(Zp, Zr, mask_p=mask_p, normalize=True)
-    got = conditional_entropy_proxy_chunked(Zp, Zr, mask_p=mask_p, normalize=True, max_gram_bytes=1)
+    expected = differentiable(conditional_entropy_proxy, Zp, Zr, mask_p=mask_p, normalize=True)
+    got = conditional_entropy_proxy(Zp, Zr, mask_p=mask_p, normalize=True, max_gram_bytes=1)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
 

@@ -180,11 +180,11 @@ def test_a_training_step_adds_weighted_terms_and_updates_the_mask_embedding(
         ("loss.w_div=inf", "loss.w_div must be a finite number >= 0"),
         ("loss.mask_ratio=1.0", r"loss.mask_ratio must be in \[0, 1\)"),
         ("loss.ctx_row_fraction=0", r"loss.ctx_row_fraction must be in \(0, 1\]"),
-        ("loss.div_dtype=float16", "loss.div_dtype must be 'float32' or 'float64'"),
+        ("loss.div_dtype=float16", "loss.div_dtype must be one of float32, float64"),
         ("probe_figures=often", "probe_figures must be one of end, every, never"),
-        ("loss.div_alpha=0", "loss.div_alpha must be > 0"),
-        ("loss.div_parts=[style]", "loss.div_parts must be a non-empty subset"),
-        ("loss.warmup_steps=-3", "loss.warmup_steps must be >= 0"),
+        ("loss.div_alpha=0", "loss.div_alpha must be a finite number > 0"),
+        ("loss.div_parts=[style]", r"loss.div_parts\[0\] must be one of encoding, response"),
+        ("loss.warmup_steps=-3", "loss.warmup_steps must be an integer >= 0"),
     ],
 )
 def test_bad_loss_settings_are_config_errors(override, message):

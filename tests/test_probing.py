@@ -9,7 +9,9 @@ import torch
 
 from unifyreg.config import ProbeConfig
 from unifyreg.estimators import conditional_entropy_proxy, matrix_entropy
-from unifyreg.probing import QUANTITIES, ProbeResult, probe_batch, run_probe
+from unifyreg.probing import ProbeResult, probe_batch, run_probe
+from unifyreg.quantities import QUANTITIES
+from unifyreg.report import probe_table, write_probe_result
 from unifyreg.roles import Role
 
 
@@ -132,7 +134,7 @@ def test_generated_responses_are_probed(tiny_adapter, probe_examples):
 def test_files_round_trip_and_tables(tiny_adapter, probe_examples, tmp_path):
     result = run_probe(tiny_adapter, probe_examples, ProbeConfig(layers=[0, -1]))
     assert result.layers == (0, tiny_adapter.num_layers)
-    paths = result.write(tmp_path)
+    paths = write_probe_result(result, tmp_path)
     loaded = ProbeResult.load(paths["result"])
     for q in QUANTITIES:
         np.testing.assert_array_equal(loaded.records[q].values, result.records[q].values)
@@ -146,7 +148,7 @@ def test_files_round_trip_and_tables(tiny_adapter, probe_examples, tmp_path):
     for key in ("encoding_figure", "response_figure"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="was not probed"):
-        result.table(layer=1)
+        probe_table(result, layer=1)
 
 
 def test_empty_probe_set_raises(tiny_adapter):
@@ -204,7 +206,7 @@ def test_probe_command_runs_on_real_adapters_through_the_cli(family, tmp_path, t
 
 
 def test_auto_layers_per_chunk_bounds_the_gathered_bytes():
-    from unifyreg.probing import AUTO_CHUNK_FLOOR_BYTES, auto_layers_per_chunk
+    from unifyreg.quantities import AUTO_CHUNK_FLOOR_BYTES, auto_layers_per_chunk
 
     small = torch.zeros(16, 30, 128)  # a toy batch: every layer fits the floor at once
     assert auto_layers_per_chunk(small) == AUTO_CHUNK_FLOOR_BYTES // (2 * small.numel() * 8)

@@ -34,7 +34,8 @@ from unifyreg.config import (
 )
 from unifyreg.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from unifyreg.losses import ContextualPredictionLoss, divergence_loss
-from unifyreg.probing import QUANTITIES, probe_batch, run_probe
+from unifyreg.probing import probe_batch, run_probe
+from unifyreg.quantities import QUANTITIES
 from unifyreg.roles import Role
 from unifyreg.toy import save_grid_png
 
@@ -117,11 +118,11 @@ def _assert_files_complete(run_dir):
     "override, message",
     [
         ("loss.w_div=-0.5", "loss.w_div must be a finite number >= 0, got -0.5"),
-        ("probe.alpha=0", "probe.alpha must be > 0"),
-        ("loss.div_alpha=-1", "loss.div_alpha must be > 0"),
+        ("probe.alpha=0", "probe.alpha must be a finite number > 0"),
+        ("loss.div_alpha=-1", "loss.div_alpha must be a finite number > 0"),
         ("loss.mask_ratio=1.0", "loss.mask_ratio must be in [0, 1)"),
         ("loss.mask_ratio=-0.1", "loss.mask_ratio must be in [0, 1)"),
-        ("every_n_epochs=0", "every_n_epochs must be >= 1"),
+        ("every_n_epochs=0", "every_n_epochs must be an integer >= 1"),
         ("max_epochs=two", "bad value for config key 'max_epochs'"),
         ("lora.rank=4", "unknown config key 'lora.rank'; valid keys under lora: enabled, r,"),
         ("model.adapter=gpt5", "unknown adapter 'gpt5'; registered: chameleon, emu3, janus, toy"),
@@ -180,7 +181,7 @@ def test_sigkill_mid_epoch_then_resume_last_equals_an_uninterrupted_run(
     """SIGKILL at step 2 of epoch 2 (after epoch 1's last.ckpt), then `resume=last`: the
     same per-epoch probe history (epochs 0-3, none lost or duplicated, values equal to
     1e-9) and the same logged values as the uninterrupted run; no file truncated."""
-    from unifyreg.recipes.common import load_checkpoint
+    from unifyreg.trainer import load_checkpoint
 
     run_dir = tmp_path / "run"
     marker = tmp_path / "paused"
@@ -260,7 +261,7 @@ def test_checkpoints_carry_the_random_state_of_the_process_and_the_loss_terms(
     """What a resumed run draws next (dropout, L_ctx masks) equals what the
     uninterrupted run drew; the state survives a weights_only=True load."""
     from unifyreg.module import UMMModule
-    from unifyreg.recipes.common import load_checkpoint
+    from unifyreg.trainer import load_checkpoint
 
     term = ContextualPredictionLoss(LossConfig(w_ctx=1.0), tiny_adapter.hidden_size)
     module = UMMModule(tiny_adapter, total_steps=10, loss_terms=[term])

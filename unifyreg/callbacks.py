@@ -21,13 +21,18 @@ Logged metric names (``LL`` = the layer index, two digits; step = the global ste
 
 After logging a probe, every logger is flushed (``logger.save()``), so a run killed later
 keeps the probes it logged; ``probe_history.jsonl`` is rewritten atomically from the
-history, which is the authority when a run is resumed.
+history, which is the authority when a run is resumed. Figures are built by
+:mod:`unifyreg.report`, saved as PNG and sent to every logger that takes matplotlib
+figures (TensorBoard's ``add_figure``).
+
+Checkpoints for resuming come from Lightning's own ``ModelCheckpoint``
+(:func:`last_checkpoint`); Lightning runs checkpoint callbacks after the others, so the
+checkpoint of an epoch holds that epoch's probe whatever the order callbacks are listed in.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,14 +41,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from unifyreg.config import FIGURE_SCHEDULES, ProbeConfig
+from unifyreg.config import ProbeConfig
 from unifyreg.fileio import atomic_write_text
 from unifyreg.module import merged_lora_inference
-from unifyreg.probing import QUANTITIES, ProbeResult, run_probe
+from unifyreg.probing import ProbeResult, run_probe
+from unifyreg.quantities import QUANTITIES
 
-__all__ = ["EntropyProbe", "LastCheckpoint", "probe_metrics"]
+__all__ = ["FIGURE_SCHEDULES", "EntropyProbe", "last_checkpoint", "probe_metrics"]
+
+#: When ``EntropyProbe`` draws its figures.
+FIGURE_SCHEDULES = ("end", "every", "never")
 
 
 def probe_metrics(result: ProbeResult) -> dict[str, float]:
@@ -249,10 +258,21 @@ class EntropyProbe(Callback):
             self._draw_figures(trainer)
 
     def _draw_figures(self, trainer: L.Trainer) -> None:
-        from unifyreg.report import plot_probe_history
+        from unifyreg.report import close_figures, probe_history_figures, save_figures
 
-        figures = plot_probe_history(self.history, self.output_dir)
-        self._send_figures_to_tensorboard(trainer, figures)
+        figures = probe_history_figures(self.history)
+        try:
+            save_figures(figures, self.output_dir, close=False)
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if experiment is None or not hasattr(experiment, "add_figure"):
+                    continue
+                for name, fig in figures.items():
+                    experiment.add_figure(
+                        f"figures/{name}", fig, global_step=trainer.global_step, close=False
+                    )
+        finally:
+            close_figures(figures)
 
     def _write_history(self) -> None:
         if self.output_dir is None:
@@ -261,40 +281,17 @@ class EntropyProbe(Callback):
         lines = [json.dumps({k: entry[k] for k in keys if k in entry}) for entry in self.history]
         atomic_write_text(self.output_dir / self.HISTORY_FILE, "\n".join(lines) + "\n")
 
-    def _send_figures_to_tensorboard(self, trainer: L.Trainer, figures: dict[str, Path]) -> None:
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if experiment is None or not hasattr(experiment, "add_image"):
-                continue
-            import numpy as np
-            from PIL import Image
 
-            for name, path in figures.items():
-                with Image.open(path) as image:
-                    array = np.asarray(image.convert("RGB"))
-                experiment.add_image(
-                    f"figures/{name}", array, global_step=trainer.global_step, dataformats="HWC"
-                )
-
-
-class LastCheckpoint(Callback):
-    """Write a resumable checkpoint to ``path`` at the end of every training epoch,
-    atomically (a staging file renamed into place: a kill leaves the previous one).
-
-    Lightning 2.6's ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes ``last.ckpt``
-    only when training ends, so a run killed in epoch 3 could not resume from epoch 2.
-    List it after :class:`EntropyProbe`, so the checkpoint holds that epoch's probe.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        super().__init__()
-        self.path = Path(path)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        staging = self.path.with_name(f".{self.path.name}.tmp")
-        # A full checkpoint (optimizer, callbacks, RNG) to resume from; every rank calls it,
-        # rank 0 writes.
-        trainer.save_checkpoint(staging, weights_only=False)
-        if trainer.is_global_zero:
-            os.replace(staging, self.path)
-        trainer.strategy.barrier("LastCheckpoint")
+def last_checkpoint(directory: str | Path) -> ModelCheckpoint:
+    """Lightning's ``ModelCheckpoint`` writing ``directory/last.ckpt`` after every training
+    epoch (a full checkpoint: weights, optimizer, callbacks' state, random state), which
+    ``resume=last`` continues from. ``save_top_k=1`` without a monitor keeps the latest
+    epoch's file only."""
+    return ModelCheckpoint(
+        dirpath=directory,
+        filename="last",
+        save_top_k=1,
+        enable_version_counter=False,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+    )

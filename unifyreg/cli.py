@@ -1,9 +1,12 @@
-"""Command line: ``unifyreg <command> [--config FILE] [key=value ...]``.
+"""Command line: ``unifyreg <command> [--config FILE] [options] [key=value ...]``.
 
 Each command has a structured config (``unifyreg.config``): defaults, then the YAML file,
 then the ``key=value`` overrides. A config error stops the command before any work with
 exit code 2 and a message naming the key and the valid choices; so does a bad manifest
 line (``on_bad_example=error``), with a message naming the file and line.
+``--print-config`` prints the resolved config as YAML and exits; ``--dry-run`` runs the
+command's own checks (files, model directory, layers, Trainer settings) and stops before
+the first forward pass.
 """
 
 from __future__ import annotations
@@ -21,44 +24,45 @@ from unifyreg.config import (
     PretrainToyConfig,
     ProbeRunConfig,
     load_config,
+    to_yaml,
 )
 from unifyreg.manifest import ManifestError
 
 __all__ = ["COMMANDS", "main"]
 
 
-def _pretrain_toy(cfg: Any) -> int:
+def _pretrain_toy(cfg: Any, dry_run: bool = False) -> int:
     from unifyreg.recipes.pretrain_toy import run
 
-    return run(cfg)
+    return run(cfg, dry_run=dry_run)
 
 
-def _evaluate(cfg: Any) -> int:
+def _evaluate(cfg: Any, dry_run: bool = False) -> int:
     from unifyreg.recipes.evaluate import run
 
-    return run(cfg)
+    return run(cfg, dry_run=dry_run)
 
 
-def _probe(cfg: Any) -> int:
+def _probe(cfg: Any, dry_run: bool = False) -> int:
     from unifyreg.recipes.probe import run
 
-    return run(cfg)
+    return run(cfg, dry_run=dry_run)
 
 
-def _finetune(cfg: Any) -> int:
+def _finetune(cfg: Any, dry_run: bool = False) -> int:
     from unifyreg.recipes.finetune import run
 
-    return run(cfg)
+    return run(cfg, dry_run=dry_run)
 
 
-def _ablate(cfg: Any) -> int:
+def _ablate(cfg: Any, dry_run: bool = False) -> int:
     from unifyreg.recipes.ablate import run
 
-    return run(cfg)
+    return run(cfg, dry_run=dry_run)
 
 
 #: command -> (config schema, runner, one-line help)
-COMMANDS: dict[str, tuple[type, Callable[[Any], int], str]] = {
+COMMANDS: dict[str, tuple[type, Callable[..., int], str]] = {
     "pretrain-toy": (PretrainToyConfig, _pretrain_toy, "train (or reuse) the cached toy base"),
     "eval": (EvalConfig, _evaluate, "exact-match accuracy of a toy model per task/category"),
     "probe": (ProbeRunConfig, _probe, "run the two-level entropy probe; write tables, figures"),
@@ -76,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--config", "-c", help="YAML config file (defaults if omitted)")
+        cmd.add_argument(
+            "--print-config", action="store_true", help="print the resolved config and exit"
+        )
+        cmd.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="check the config, files, model and layers; stop before any work",
+        )
         cmd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -86,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     schema, runner, _ = COMMANDS[args.command]
     try:
         cfg = load_config(schema, args.config, args.overrides)
-        return runner(cfg)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        return runner(cfg, dry_run=args.dry_run)
     except ConfigError as error:
         print(f"unifyreg {args.command}: config error: {error}", file=sys.stderr)
         return 2

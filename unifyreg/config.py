@@ -2,26 +2,32 @@
 
 ``load_config(Schema, path, overrides)`` merges, in order, the schema's defaults, a YAML
 file and dotted command-line overrides (``train.max_steps=500``), then builds the
-dataclasses (whose ``__post_init__`` validates ranges). Any problem (unknown key, wrong
-type, out-of-range value, unreadable file) raises :class:`ConfigError`, whose message
-names the key and lists the valid ones, before anything is trained.
+dataclasses. Types are checked by OmegaConf from the annotations (``Literal`` choices,
+``Union``, nested sections, lists); ranges by one table, :data:`RANGE_CHECKS`; the few
+rules that relate several keys by a section's ``check`` method. Any problem (unknown key,
+wrong type, out-of-range value, unreadable file) raises :class:`ConfigError`, whose
+message names the dotted key (and lists the valid keys), before anything is trained.
+Sections built directly in Python (``ProbeConfig(alpha=0)``) are checked the same way.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from unifyreg.adapters.toy import LAYOUT_VERSION, ToyModelConfig
+from unifyreg.estimators import SLQSettings
+from unifyreg.toy.model import ToyModelConfig
 from unifyreg.toy.splits import WorldConfig
 
 __all__ = [
@@ -34,10 +40,11 @@ __all__ = [
     "LossConfig",
     "ModelSource",
     "OptimConfig",
+    "PretrainToyConfig",
     "ProbeConfig",
     "ProbeRunConfig",
+    "RANGE_CHECKS",
     "SweepConfig",
-    "PretrainToyConfig",
     "config_hash",
     "load_config",
     "to_yaml",
@@ -50,14 +57,156 @@ class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
 
 
-#: Values of ``probe.method``.
-PROBE_METHODS = ("exact", "slq")
+# ---------------------------------------------------------------------- range rules
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number in an interval (ends open or closed; None = unbounded), finite unless
+    ``finite=False``; ``integer`` for int fields."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def __call__(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {value!r}"
+        if self.integer and not isinstance(value, int):
+            return f"must be an integer, got {value!r}"
+        inside = math.isfinite(value)
+        if self.low is not None:
+            inside &= value > self.low if self.low_open else value >= self.low
+        if self.high is not None:
+            inside &= value < self.high if self.high_open else value <= self.high
+        return None if inside else f"must be {self.describe()}, got {value!r}"
+
+    def describe(self) -> str:
+        """``"> 0"``, ``">= 1"``, ``"in [0, 1)"``, with "a finite number" for floats."""
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            bound = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            bound = f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"an integer {bound}" if self.integer else f"a finite number {bound}"
+
+
+def _each(rule: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """The rule applied to every element of a list."""
+
+    def check(values: Any) -> str | None:
+        for index, value in enumerate(values):
+            problem = rule(value)
+            if problem:
+                return f"[{index}] {problem}"
+        return None
+
+    return check
+
+
+def _non_empty(values: Any) -> str | None:
+    return None if len(values) else "must not be empty"
+
+
+def _bandwidth(value: Any) -> str | None:
+    from unifyreg.estimators import BANDWIDTH_RULES
+
+    if isinstance(value, str):
+        if value in BANDWIDTH_RULES:
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            rules = ", ".join(BANDWIDTH_RULES)
+            return f"must be a rule ({rules}) or a number > 0, got {value!r}"
+    return Range(0, low_open=True)(value)
+
+
+def _log_base(value: Any) -> str | None:
+    problem = Range(0, low_open=True)(value)
+    if problem or value != 1:
+        return problem
+    return "must be a finite number > 0 and != 1, got 1"
+
+
+def _arm_name(value: Any) -> str | None:
+    return None if value and "/" not in value else f"must be non-empty without '/', got {value!r}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+AT_LEAST_ONE = Range(1, integer=True)
+COUNT = Range(0, integer=True)
+
+
+# ---------------------------------------------------------------------- sections
+
+
+#: Set while :func:`load_config` builds a tree, which it then checks with full keys.
+_DEFERRED = contextvars.ContextVar("unifyreg_config_deferred", default=False)
+
+
+class Section:
+    """Base of every config section: construction checks its fields against
+    :data:`RANGE_CHECKS` and runs its ``check`` (rules across keys), raising
+    :class:`ConfigError` with the section's default key prefix (``load_config`` checks
+    the whole tree afterwards instead, with every key's full dotted path)."""
+
+    _prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if not _DEFERRED.get():
+            validate(self, self._prefix)
+
+    def check(self) -> None:
+        """Rules that relate several keys (override in sections that have some)."""
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def validate(section: Any, prefix: str = "") -> None:
+    """Check one section's own fields against :data:`RANGE_CHECKS`, then its ``check``;
+    ConfigError names ``prefix.field``."""
+    for f in dataclasses.fields(section):
+        rule = RANGE_CHECKS.get((type(section), f.name))
+        if rule is not None:
+            problem = rule(getattr(section, f.name))
+            if problem:
+                sep = "" if problem.startswith("[") else " "
+                raise ConfigError(f"{_key(prefix, f.name)}{sep}{problem}")
+    try:
+        section.check()
+    except ConfigError as error:
+        raise ConfigError(_key(prefix, str(error))) from None
+
+
+def validate_tree(section: Any, prefix: str = "") -> None:
+    """:func:`validate` every section of a config tree, children first, each with its
+    full dotted key (``finetune.probe.alpha``, ``arms[2].w_ctx``)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = _key(prefix, f.name)
+        if isinstance(value, Section):
+            validate_tree(value, key)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, Section):
+                    validate_tree(item, f"{key}[{index}]")
+    validate(section, prefix)
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """Optimiser and schedule: AdamW, linear warm-up then cosine decay to ``min_lr_ratio``."""
 
+    _prefix = "optim"
     lr: float = 3e-3
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
@@ -65,145 +214,110 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
 
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"optim.betas must be in [0, 1), got {tuple(self.betas)}")
-
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Section):
     """Settings of the two-level entropy probe (PAPER.md; unifyreg's defaults).
 
     - ``alpha``: Renyi order (the paper: 1.01); ``base``: log base (2 = bits, as Table 1);
-    - ``bandwidth``: ``"median"`` (per sequence), or a number (a fixed sigma);
+    - ``bandwidth``: a rule (``"median"``: per sequence) or a number (a fixed sigma);
     - ``layers``: layer indices to probe (0 = input embeddings; negative count from the
       end); empty = all;
+    - ``final_norm``: take the last layer after the model's final norm (as
+      ``transformers``' ``output_hidden_states`` does) instead of before it like every
+      other layer (README, "Which hidden states");
     - ``batch_size``: probe examples per forward pass (bounds memory);
     - ``responses``: ``"reference"`` (teacher-forced reference responses) or
       ``"generated"`` (the model's own greedy responses, then teacher-forced);
     - ``dtype``: ``"float64"`` or ``"float32"`` for the exact entropy computation (the
-      ``slq`` method builds its Grams in float32 and returns float64);
-    - ``layers_per_chunk``: layers whose role segments are gathered (cast to ``dtype``)
-      and whose Gram matrices are built at once; 0 (the default) = auto
-      (:func:`unifyreg.probing.auto_layers_per_chunk`: 1 for large batches, which keeps
-      the probe's extra memory within that of the model's forward pass, all layers for
-      small ones); each further layer adds its segments' float64 copies and Grams;
-    - ``method``: ``"exact"`` (:func:`~unifyreg.estimators.matrix_entropy_chunked`, equal to
-      the unchunked estimators to round-off) or ``"slq"`` (stochastic Lanczos quadrature,
-      :func:`~unifyreg.estimators.matrix_entropy_slq`: approximate, no gradient, faster
-      for segments of more than ~1000 tokens);
+      ``slq`` method builds its Grams in float32);
+    - ``layers_per_chunk``: layers whose role segments are handed to the estimators at
+      once; 0 (the default) = auto (:func:`unifyreg.quantities.auto_layers_per_chunk`);
+    - ``method``: ``"exact"`` or ``"slq"`` (stochastic Lanczos quadrature: approximate, no
+      gradient, faster for segments of more than ~1000 tokens);
     - ``max_gram_bytes``: bytes of Gram matrices built at once (> 0; default 256 MiB);
     - ``max_tokens``: keep at most this many tokens of each role segment, a seeded uniform
       subsample (0 = all tokens); changes the estimate (README, "Which path for which size");
-    - ``slq``: settings of the ``slq`` method, keys of :class:`unifyreg.estimators.SLQSettings`
-      (``num_probes``, ``deflation_rank``, ``lanczos_steps``, ``power_iterations``,
-      ``exact_max_tokens``, ``seed``); empty = its defaults.
+    - ``slq``: settings of the ``slq`` method (:class:`unifyreg.estimators.SLQSettings`).
     """
 
+    _prefix = "probe"
     alpha: float = 1.01
     base: float = 2.0
-    bandwidth: str = "median"
+    bandwidth: str | float = "median"
     layers: list[int] = field(default_factory=list)
+    final_norm: bool = False
     batch_size: int = 16
-    responses: str = "reference"
-    dtype: str = "float64"
+    responses: Literal["reference", "generated"] = "reference"
+    dtype: Literal["float64", "float32"] = "float64"
     layers_per_chunk: int = 0
-    method: str = "exact"
+    method: Literal["exact", "slq"] = "exact"
     max_gram_bytes: int = 268435456
     max_tokens: int = 0
-    slq: dict[str, Any] = field(default_factory=dict)
+    slq: SLQSettings = field(default_factory=SLQSettings)
 
     def __post_init__(self) -> None:
-        if not self.alpha > 0:
-            raise ConfigError(f"probe.alpha must be > 0, got {self.alpha}")
-        if not self.base > 0 or self.base == 1:
-            raise ConfigError(f"probe.base must be > 0 and != 1, got {self.base}")
-        if self.bandwidth != "median":
-            try:
-                sigma = float(self.bandwidth)
-            except ValueError:
-                raise ConfigError(
-                    f"probe.bandwidth must be 'median' or a number > 0, got {self.bandwidth!r}"
-                ) from None
-            if not sigma > 0:
-                raise ConfigError(f"probe.bandwidth must be > 0, got {self.bandwidth!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"probe.batch_size must be >= 1, got {self.batch_size}")
-        if self.responses not in ("reference", "generated"):
-            raise ConfigError(
-                f"probe.responses must be 'reference' or 'generated', got {self.responses!r}"
-            )
-        if self.dtype not in ("float64", "float32"):
-            raise ConfigError(f"probe.dtype must be 'float64' or 'float32', got {self.dtype!r}")
-        if self.layers_per_chunk < 0:
-            raise ConfigError(
-                f"probe.layers_per_chunk must be >= 0 (0 = auto), got {self.layers_per_chunk}"
-            )
-        if self.method not in PROBE_METHODS:
-            raise ConfigError(
-                f"probe.method must be one of {', '.join(PROBE_METHODS)}, got {self.method!r}"
-            )
-        for name, low in (("max_gram_bytes", 1), ("max_tokens", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                relation = "> 0" if low else ">= 0 (0 = no limit)"
-                raise ConfigError(f"probe.{name} must be an integer {relation}, got {value!r}")
-        _ = self.slq_settings  # validates probe.slq
+        if isinstance(self.slq, dict):  # Python convenience: ProbeConfig(slq={...})
+            self.slq = _nested(SLQSettings, self.slq, f"{self._prefix}.slq")
+        super().__post_init__()
 
     @property
     def sigma(self) -> float | str:
-        """The bandwidth as the estimators take it."""
-        return "median" if self.bandwidth == "median" else float(self.bandwidth)
+        """The bandwidth as the estimators take it (a rule name or a float)."""
+        from unifyreg.estimators import BANDWIDTH_RULES
+
+        if isinstance(self.bandwidth, str) and self.bandwidth in BANDWIDTH_RULES:
+            return self.bandwidth
+        return float(self.bandwidth)
 
     @property
     def torch_dtype(self):
+        """``dtype`` as a ``torch.dtype``."""
         import torch
 
         return getattr(torch, self.dtype)
 
     @property
-    def slq_settings(self):
-        """``probe.slq`` as a :class:`unifyreg.estimators.SLQSettings` (ConfigError naming
-        the key for an unknown key or a value it rejects)."""
-        from unifyreg.estimators import SLQSettings
+    def slq_settings(self) -> SLQSettings:
+        """The ``slq`` section (an :class:`~unifyreg.estimators.SLQSettings`)."""
+        return self.slq
 
-        if not isinstance(self.slq, dict):
-            raise ConfigError(f"probe.slq must be a mapping of SLQSettings keys, got {self.slq!r}")
-        valid = [f.name for f in dataclasses.fields(SLQSettings)]
-        for key, value in self.slq.items():
-            if key not in valid:
-                raise ConfigError(
-                    f"unknown config key 'probe.slq.{key}'; valid keys under probe.slq: "
-                    f"{', '.join(valid)}"
-                )
-            try:
-                SLQSettings(**{key: value})
-            except (TypeError, ValueError) as error:
-                reason = str(error).removeprefix(f"SLQSettings.{key} ")
-                raise ConfigError(f"probe.slq.{key} {reason}") from None
-        return SLQSettings(**self.slq)
+
+def _nested(cls: type, values: dict, prefix: str) -> Any:
+    """``cls(**values)`` with unknown keys and rejected values reported as ConfigError."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in valid:
+            listed = ", ".join(valid)
+            raise ConfigError(
+                f"unknown config key '{prefix}.{key}'; valid keys under {prefix}: {listed}"
+            )
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(_prefixed(str(error), cls, prefix)) from None
+
+
+def _prefixed(message: str, cls: type, prefix: str) -> str:
+    """A nested dataclass's own error message with the dotted key in front."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for form in (f"{cls.__name__}.", "model.", ""):
+        for name in names:
+            if message.startswith(form + name + " "):
+                return f"{prefix}.{name}{message[len(form + name) :]}"
+    return f"{prefix}: {message}"
 
 
 @dataclass
-class PretrainToyConfig:
+class PretrainToyConfig(Section):
     """``unifyreg pretrain-toy``: train the toy base from scratch and cache it.
 
-    The cache directory is ``cache_dir/toy-base-<hash>`` where the hash covers ``world``
-    (its settings and a fingerprint of its content), ``model``, the toy adapter's sequence
-    layout version, ``optim``, ``max_steps``, ``batch_size`` and ``seed``; a second call with
-    the same values reuses it (``force=true`` retrains).
+    The cache directory is ``cache_dir/toy-base-<key>`` (:func:`unifyreg.toy.base.cache_key`:
+    the world, the model, the sequence layout, ``optim``, ``max_steps``, ``batch_size``,
+    ``seed``); a second call with the same values reuses it (``force=true`` retrains).
     """
 
+    _prefix = "pretrain"
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     # 1e-3 and above never learned single-cell reading in 3000 steps; 5e-4 did (README).
@@ -218,41 +332,9 @@ class PretrainToyConfig:
     checkpoint_every_n_steps: int = 500
     accelerator: str = "auto"
 
-    def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if self.checkpoint_every_n_steps < 1:
-            raise ConfigError(
-                f"checkpoint_every_n_steps must be >= 1, got {self.checkpoint_every_n_steps}"
-            )
-
-    def cache_key(self) -> str:
-        """Hash of everything that changes the trained weights, including a fingerprint
-        of the world's content (so a changed generator or vocabulary retrains)."""
-        return config_hash(
-            {
-                "world": dataclasses.asdict(self.world),
-                "world_content": world_fingerprint(self.world),
-                "model": dataclasses.asdict(self.model),
-                "layout_version": LAYOUT_VERSION,
-                "optim": dataclasses.asdict(self.optim),
-                "max_steps": self.max_steps,
-                "batch_size": self.batch_size,
-                "seed": self.seed,
-            }
-        )
-
-    def cache_path(self) -> Path:
-        """Where the trained base lives: ``cache_dir/toy-base-<hash>``."""
-        return Path(self.cache_dir) / f"toy-base-{self.cache_key()}"
-
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """``unifyreg eval``: exact-match accuracy of a toy model per task and category.
 
     ``model_path`` empty means the toy base of the ``pretrain`` section (built first if
@@ -265,105 +347,86 @@ class EvalConfig:
     batch_size: int = 256
     output: str = "runs/eval/eval.json"
 
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.splits:
-            raise ConfigError("splits must name at least one split")
-
 
 @dataclass
-class ModelSource:
+class ModelSource(Section):
     """Which model to load: a registered ``adapter`` name and a local ``path``.
 
-    With ``adapter: toy`` an empty ``path`` means the cached toy base of the ``pretrain``
-    section (trained first if absent). Real models load with ``from_pretrained(path)``
-    from a local directory only; ``trust_remote_code`` stays off unless set here.
-    ``dtype`` is the torch dtype the weights are loaded in.
+    An empty ``path`` takes the adapter's default model where it has one (the toy: the
+    cached base of the ``pretrain`` section, trained first if absent) and is an error
+    otherwise. Real models load with ``from_pretrained(path)`` from a local directory
+    only; ``trust_remote_code`` stays off unless set here. ``dtype`` is the torch dtype the
+    weights are loaded in.
     """
 
+    _prefix = "model"
     adapter: str = "toy"
     path: str = ""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 
-    def __post_init__(self) -> None:
-        from unifyreg.adapters import available_adapters
+    def check(self) -> None:
+        from unifyreg.adapters import adapter_spec
 
-        if self.adapter not in available_adapters():
-            raise ConfigError(
-                f"model.adapter: unknown adapter {self.adapter!r}; "
-                f"registered: {', '.join(available_adapters())}"
-            )
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(
-                f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
-            )
+        try:
+            adapter_spec(self.adapter)
+        except ValueError as error:
+            raise ConfigError(f"adapter: {error}") from None
 
 
-def _check_model_and_sets(model: ModelSource, **sets: str) -> None:
-    """Non-toy adapters need a local model path and manifests (toy examples only fit toy)."""
-    if model.adapter == "toy":
-        return
-    if not model.path:
+def _check_sources(model: ModelSource, **sources: str) -> None:
+    """An empty ``model.path``, ``data`` or ``probe_set`` needs the adapter's default."""
+    from unifyreg.adapters import adapter_spec
+
+    spec = adapter_spec(model.adapter)
+    if not model.path and not spec.default_model:
         raise ConfigError(f"model.path is required for adapter {model.adapter!r}")
-    for key, value in sets.items():
-        if not value:
-            raise ConfigError(f"{key} is required: the path of a JSONL manifest")
-        if value == "toy":
+    for key, value in sources.items():
+        default = spec.default_data if key == "data" else spec.default_probe_set
+        if not value and not default:
             raise ConfigError(
-                f"{key}=toy only fits the toy adapter; give a JSONL manifest for "
-                f"adapter {model.adapter!r}"
+                f"{key} is required for adapter {model.adapter!r}: the path of a JSONL "
+                "manifest (or an example source such as 'toy')"
             )
 
 
 @dataclass
-class ProbeRunConfig:
+class ProbeRunConfig(Section):
     """``unifyreg probe``: run the two-level probe and write tables and figures.
 
-    ``probe_set`` is ``"toy"`` (the world's fixed probe sets of ``pretrain.world``) or
-    the path of a JSONL manifest (see :mod:`unifyreg.manifest`); ``on_bad_example`` is
-    ``"error"`` or ``"skip"`` for bad manifest lines.
+    ``probe_set`` is an example source (``"toy"``: the world's fixed probe sets of
+    ``pretrain.world``), the path of a JSONL manifest (see :mod:`unifyreg.manifest`), or
+    empty for the adapter's default; ``on_bad_example`` is ``"error"`` or ``"skip"`` for
+    bad manifest lines.
     """
 
     model: ModelSource = field(default_factory=ModelSource)
     pretrain: PretrainToyConfig = field(default_factory=PretrainToyConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    probe_set: str = "toy"
-    on_bad_example: str = "error"
+    probe_set: str = ""
+    on_bad_example: Literal["error", "skip"] = "error"
     output_dir: str = "runs/probe"
     figures: bool = True
 
-    def __post_init__(self) -> None:
-        _check_model_and_sets(self.model, probe_set=self.probe_set)
-        if self.on_bad_example not in ("error", "skip"):
-            raise ConfigError(
-                f"on_bad_example must be 'error' or 'skip', got {self.on_bad_example!r}"
-            )
+    def check(self) -> None:
+        _check_sources(self.model, probe_set=self.probe_set)
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(Section):
     """LoRA through peft: rank ``r``, scale ``alpha / r``, ``dropout``; ``target_modules``
     empty = the adapter's defaults (language-model projections only)."""
 
+    _prefix = "lora"
     enabled: bool = True
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-
 
 @dataclass
-class LossConfig:
+class LossConfig(Section):
     """The contextual-prediction regularizer: ``L = L_task + w_ctx L_ctx + w_div L_div``.
 
     - ``w_ctx``, ``w_div``: weights (>= 0; 0 switches a term off);
@@ -384,73 +447,43 @@ class LossConfig:
     - ``warmup_steps``: weights ramp linearly from 0 over this many steps.
     """
 
+    _prefix = "loss"
     w_ctx: float = 0.0
     w_div: float = 0.0
     mask_ratio: float = 0.5
     ctx_row_fraction: float = 0.125
     div_alpha: float = 2.0
     div_layers: list[int] = field(default_factory=list)
-    div_parts: list[str] = field(default_factory=lambda: ["encoding", "response"])
-    div_dtype: str = "float32"
-    div_bandwidth: str = "median_differentiable"
+    div_parts: list[Literal["encoding", "response"]] = field(
+        default_factory=lambda: ["encoding", "response"]
+    )
+    div_dtype: Literal["float32", "float64"] = "float32"
+    div_bandwidth: Literal["median_differentiable", "median"] = "median_differentiable"
     warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("w_ctx", "w_div"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"loss.{name} must be a finite number >= 0, got {value}")
-        if not 0 <= self.mask_ratio < 1:
-            raise ConfigError(f"loss.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if not 0 < self.ctx_row_fraction <= 1:
-            raise ConfigError(
-                f"loss.ctx_row_fraction must be in (0, 1], got {self.ctx_row_fraction}"
-            )
-        if not self.div_alpha > 0:
-            raise ConfigError(f"loss.div_alpha must be > 0, got {self.div_alpha}")
-        unknown = sorted(set(self.div_parts) - {"encoding", "response"})
-        if unknown or not self.div_parts:
-            raise ConfigError(
-                f"loss.div_parts must be a non-empty subset of [encoding, response], "
-                f"got {list(self.div_parts)}"
-            )
-        if self.div_bandwidth not in ("median_differentiable", "median"):
-            raise ConfigError(
-                "loss.div_bandwidth must be 'median_differentiable' or 'median', "
-                f"got {self.div_bandwidth!r}"
-            )
-        if self.div_dtype not in ("float32", "float64"):
-            raise ConfigError(
-                f"loss.div_dtype must be 'float32' or 'float64', got {self.div_dtype!r}"
-            )
-        if self.warmup_steps < 0:
-            raise ConfigError(f"loss.warmup_steps must be >= 0, got {self.warmup_steps}")
 
     @property
     def active(self) -> bool:
+        """Whether any regularizer term is on."""
         return self.w_ctx > 0 or self.w_div > 0
 
 
-#: When ``EntropyProbe`` draws its figures.
-FIGURE_SCHEDULES = ("end", "every", "never")
-
-
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Section):
     """``unifyreg finetune``: fine-tune an adapter (LoRA by default) with per-epoch probes.
 
-    ``data`` is ``"toy"`` (the world's ``finetune`` split) or a JSONL manifest of training
-    examples; ``probe_set`` likewise (``"toy"``: the world's probe sets). ``resume`` is
-    ``""`` (start fresh), ``"last"`` (``run_dir/checkpoints/last.ckpt`` when it exists)
-    or a checkpoint path. ``loggers`` is a subset of ``csv``, ``tensorboard``.
-    ``probe_figures``: when the probe's trajectory figures are drawn: ``end`` (once, when
-    training ends, one curve per probed epoch), ``every`` (after every probe, also sent to
-    TensorBoard as they come) or ``never``.
+    ``data`` is an example source (``"toy"``: the world's ``finetune`` split), a JSONL
+    manifest of training examples, or empty for the adapter's default; ``probe_set``
+    likewise (``"toy"``: the world's probe sets). ``resume`` is ``""`` (start fresh),
+    ``"last"`` (``run_dir/checkpoints/last.ckpt`` when it exists) or a checkpoint path.
+    ``loggers`` is a subset of ``csv``, ``tensorboard``. ``probe_figures``: when the
+    probe's trajectory figures are drawn: ``end`` (once, when training ends, one curve per
+    probed epoch), ``every`` (after every probe, also sent to TensorBoard as they come)
+    or ``never``.
     """
 
     model: ModelSource = field(default_factory=ModelSource)
     pretrain: PretrainToyConfig = field(default_factory=PretrainToyConfig)
-    data: str = "toy"
+    data: str = ""
     lora: LoraSettings = field(default_factory=LoraSettings)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
@@ -459,68 +492,35 @@ class FinetuneConfig:
     batch_size: int = 32
     seed: int = 0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    probe_set: str = "toy"
+    probe_set: str = ""
     every_n_epochs: int = 1
     probe_at_start: bool = True
-    probe_figures: str = "end"
-    on_bad_example: str = "error"
+    probe_figures: Literal["end", "every", "never"] = "end"
+    on_bad_example: Literal["error", "skip"] = "error"
     run_dir: str = "runs/finetune/toy"
     resume: str = ""
-    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    loggers: list[Literal["csv", "tensorboard"]] = field(
+        default_factory=lambda: ["csv", "tensorboard"]
+    )
     accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
 
-    def __post_init__(self) -> None:
-        _check_model_and_sets(self.model, data=self.data, probe_set=self.probe_set)
-        if self.max_epochs < 1:
-            raise ConfigError(f"max_epochs must be >= 1, got {self.max_epochs}")
+    def check(self) -> None:
+        _check_sources(self.model, data=self.data, probe_set=self.probe_set)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps must be -1 (no limit) or >= 1, got {self.max_steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.every_n_epochs < 1:
-            raise ConfigError(f"every_n_epochs must be >= 1, got {self.every_n_epochs}")
-        if self.probe_figures not in FIGURE_SCHEDULES:
-            raise ConfigError(
-                f"probe_figures must be one of {', '.join(FIGURE_SCHEDULES)}, "
-                f"got {self.probe_figures!r}"
-            )
-        if self.on_bad_example not in ("error", "skip"):
-            raise ConfigError(
-                f"on_bad_example must be 'error' or 'skip', got {self.on_bad_example!r}"
-            )
-        unknown = sorted(set(self.loggers) - {"csv", "tensorboard"})
-        if unknown:
-            raise ConfigError(f"loggers: unknown logger(s) {unknown}; valid: csv, tensorboard")
-        if self.devices < 1:
-            raise ConfigError(f"devices must be >= 1, got {self.devices}")
-
-
-def world_fingerprint(world: WorldConfig) -> str:
-    """Hash of the world's vocabulary and the first examples of every split."""
-    from unifyreg.toy.splits import build_splits
-    from unifyreg.toy.tokenizer import WordTokenizer
-
-    splits = build_splits(world)
-    sample = {name: [e.to_dict() for e in split[:20]] for name, split in splits.items()}
-    return config_hash({"words": list(WordTokenizer.for_world(world).words), "sample": sample})
 
 
 @dataclass
-class ArmConfig:
+class ArmConfig(Section):
     """One arm of an ablation: a name and the two regularizer weights."""
 
+    _prefix = "arms"
     name: str = "baseline"
     w_ctx: float = 0.0
     w_div: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"arms: an arm name must be non-empty without '/', got {self.name!r}")
-        if not all(math.isfinite(w) and w >= 0 for w in (self.w_ctx, self.w_div)):
-            raise ConfigError(f"arms.{self.name}: weights must be finite numbers >= 0")
 
 
 def _default_arms() -> list[ArmConfig]:
@@ -533,29 +533,27 @@ def _default_arms() -> list[ArmConfig]:
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(Section):
     """Extra arms sweeping one weight: ``weight`` is ``w_ctx`` or ``w_div`` ("" = none);
     each value v adds an arm named ``<weight>=<v>`` with the other weight 0."""
 
-    weight: str = ""
+    _prefix = "sweep"
+    weight: Literal["", "w_ctx", "w_div"] = ""
     values: list[float] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if self.weight not in ("", "w_ctx", "w_div"):
-            raise ConfigError(f"sweep.weight must be '', 'w_ctx' or 'w_div', got {self.weight!r}")
+    def check(self) -> None:
         if self.weight and not self.values:
-            raise ConfigError("sweep.values must list at least one weight")
-        if any(v < 0 for v in self.values):
-            raise ConfigError("sweep.values must be >= 0")
+            raise ConfigError("values must list at least one weight")
 
     def arms(self) -> list[ArmConfig]:
+        """The arms this sweep adds."""
         if not self.weight:
             return []
         return [ArmConfig(f"{self.weight}={v:g}", **{self.weight: float(v)}) for v in self.values]
 
 
 @dataclass
-class AblateConfig:
+class AblateConfig(Section):
     """``unifyreg ablate``: every arm x seed fine-tuned from the same base, same data and
     steps (``finetune.*``), probed every epoch and at the end, scored exactly on the toy.
 
@@ -571,9 +569,7 @@ class AblateConfig:
     eval_splits: list[str] = field(default_factory=lambda: ["eval", "heldout"])
     figures: bool = True
 
-    def __post_init__(self) -> None:
-        if not self.seeds:
-            raise ConfigError("seeds must list at least one seed")
+    def check(self) -> None:
         names = [arm.name for arm in self.all_arms()]
         if not names:
             raise ConfigError("arms: at least one arm is needed")
@@ -586,31 +582,88 @@ class AblateConfig:
         return [*self.arms, *self.sweep.arms()]
 
 
+#: Every range check of every section, one line each: ``(section, field) -> rule``; a
+#: rule returns None for a good value or the end of a message ("must be >= 1, got 0").
+RANGE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
+    (OptimConfig, "lr"): POSITIVE,
+    (OptimConfig, "weight_decay"): NON_NEGATIVE,
+    (OptimConfig, "betas"): _each(Range(0, 1, high_open=True)),
+    (OptimConfig, "warmup_steps"): COUNT,
+    (OptimConfig, "min_lr_ratio"): FRACTION,
+    (OptimConfig, "grad_clip"): NON_NEGATIVE,
+    (ProbeConfig, "alpha"): POSITIVE,
+    (ProbeConfig, "base"): _log_base,
+    (ProbeConfig, "bandwidth"): _bandwidth,
+    (ProbeConfig, "batch_size"): AT_LEAST_ONE,
+    (ProbeConfig, "layers_per_chunk"): COUNT,
+    (ProbeConfig, "max_gram_bytes"): AT_LEAST_ONE,
+    (ProbeConfig, "max_tokens"): COUNT,
+    (PretrainToyConfig, "max_steps"): AT_LEAST_ONE,
+    (PretrainToyConfig, "batch_size"): AT_LEAST_ONE,
+    (PretrainToyConfig, "eval_batch_size"): AT_LEAST_ONE,
+    (PretrainToyConfig, "checkpoint_every_n_steps"): AT_LEAST_ONE,
+    (EvalConfig, "batch_size"): AT_LEAST_ONE,
+    (EvalConfig, "splits"): _non_empty,
+    (LoraSettings, "r"): AT_LEAST_ONE,
+    (LoraSettings, "alpha"): Range(0, low_open=True, integer=True),
+    (LoraSettings, "dropout"): Range(0, 1, high_open=True),
+    (LossConfig, "w_ctx"): NON_NEGATIVE,
+    (LossConfig, "w_div"): NON_NEGATIVE,
+    (LossConfig, "mask_ratio"): Range(0, 1, high_open=True),
+    (LossConfig, "ctx_row_fraction"): Range(0, 1, low_open=True),
+    (LossConfig, "div_alpha"): POSITIVE,
+    (LossConfig, "div_parts"): _non_empty,
+    (LossConfig, "warmup_steps"): COUNT,
+    (FinetuneConfig, "max_epochs"): AT_LEAST_ONE,
+    (FinetuneConfig, "batch_size"): AT_LEAST_ONE,
+    (FinetuneConfig, "every_n_epochs"): AT_LEAST_ONE,
+    (FinetuneConfig, "devices"): AT_LEAST_ONE,
+    (ArmConfig, "name"): _arm_name,
+    (ArmConfig, "w_ctx"): NON_NEGATIVE,
+    (ArmConfig, "w_div"): NON_NEGATIVE,
+    (SweepConfig, "values"): _each(NON_NEGATIVE),
+    (AblateConfig, "seeds"): _non_empty,
+}
+
+
+# ---------------------------------------------------------------------- loading
+
+
 def config_hash(data: Any) -> str:
     """First 12 hex digits of the SHA-256 of ``data`` as canonical JSON."""
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _field_type(node: Any, name: str) -> Any:
+    """The dataclass type of field ``name`` of dataclass ``node`` (via a default)."""
+    f = {f.name: f for f in dataclasses.fields(node)}[name]
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            return type(value[0])
+        return type(value)
+    return type(f.default)
+
+
 def _valid_keys(schema: type, dotted: str) -> tuple[str, list[str]]:
     """(parent path, valid keys there) for a dotted key that did not resolve."""
-    parts = [p for p in dotted.split(".") if p]
+    parts = [p for p in re.split(r"\.|\[\d+\]", dotted) if p]
     node: Any = schema
     parent: list[str] = []
     for part in parts[:-1]:
-        if not dataclasses.is_dataclass(node):
+        if not dataclasses.is_dataclass(node) or part not in {
+            f.name for f in dataclasses.fields(node)
+        }:
             break
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields:
-            break
-        node = fields[part].type if not isinstance(fields[part].type, str) else None
-        if node is None:
-            # Postponed annotations: resolve through a default instance.
-            default = fields[part].default_factory  # type: ignore[misc]
-            node = type(default()) if callable(default) else None
+        node = _field_type(node, part)
         parent.append(part)
     keys = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
     return ".".join(parent) or "<top level>", keys
+
+
+_CHOICES = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+_CONVERT = re.compile(r"Value '(.*)' of type '\w+' could not be converted to (\w+)")
 
 
 def _describe(error: OmegaConfBaseException, schema: type) -> str:
@@ -621,9 +674,42 @@ def _describe(error: OmegaConfBaseException, schema: type) -> str:
     if "Key" in type(error).__name__ or "not in" in message:
         where, valid = _valid_keys(schema, key)
         return f"unknown config key {key!r}; valid keys under {where}: {', '.join(valid)}"
+    choices = _CHOICES.search(message)
+    if choices:
+        options = ", ".join(c.strip().strip("'") for c in choices.group(2).split(","))
+        return f"{key} must be one of {options}, got {choices.group(1)!r}"
+    converted = _CONVERT.search(message)
+    if converted:
+        kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}
+        wanted = kind.get(converted.group(2), converted.group(2))
+        return f"bad value for config key {key!r}: must be {wanted}, got {converted.group(1)!r}"
     if key:
         return f"bad value for config key {key!r}: {message}"
     return message
+
+
+def _check_foreign_sections(schema: type, values: Any, prefix: str) -> None:
+    """Build every nested dataclass defined outside this module (``WorldConfig``,
+    ``ToyModelConfig``, ``SLQSettings``: they validate themselves) from the merged
+    values first, so that their errors carry the full dotted key."""
+    if not isinstance(values, DictConfig):
+        return
+    for f in dataclasses.fields(schema):
+        kind = _field_type(schema, f.name)
+        value = values.get(f.name)
+        if value is None or not dataclasses.is_dataclass(kind):
+            continue
+        items = list(value) if OmegaConf.is_list(value) else [value]
+        for index, item in enumerate(items):
+            key = (
+                f"{_key(prefix, f.name)}[{index}]"
+                if OmegaConf.is_list(value)
+                else _key(prefix, f.name)
+            )
+            if issubclass(kind, Section):
+                _check_foreign_sections(kind, item, key)
+            else:
+                _nested(kind, OmegaConf.to_container(item, resolve=True), key)
 
 
 def load_config(
@@ -655,16 +741,23 @@ def load_config(
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(base, *layers)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        _check_foreign_sections(schema, merged, "")
+        token = _DEFERRED.set(True)
+        try:
+            config = OmegaConf.to_object(merged)
+        finally:
+            _DEFERRED.reset(token)
+        validate_tree(config)
+        return config  # type: ignore[return-value]
     except ConfigError:
         raise
     except OmegaConfBaseException as error:
         raise ConfigError(_describe(error, schema)) from None
     except (ValueError, TypeError) as error:
-        # Validation in a dataclass __post_init__ of a nested section.
+        # Validation in the __post_init__ of a section defined elsewhere.
         raise ConfigError(str(error)) from None
 
 
 def to_yaml(config: Any) -> str:
-    """The resolved config as YAML (for run directories and logs)."""
+    """The resolved config as YAML (for run directories, logs and ``--print-config``)."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,4 +1,11 @@
-"""Atomic file writes: a kill never leaves a truncated file behind."""
+"""Atomic file writes: a kill never leaves a truncated file behind.
+
+One writer, :func:`atomic_file`: the content goes to a temporary file in the target's
+directory, is flushed to disk, gets the mode a plain ``open`` would give (``0o666`` minus
+the process umask: ``tempfile.mkstemp`` alone would leave ``0o600``, unreadable to a
+TensorBoard or a colleague running as another user), and is renamed over the target.
+Every text, JSON and figure file unifyreg writes goes through it.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +17,45 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["atomic_directory", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_directory", "atomic_file", "atomic_write_json", "atomic_write_text"]
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
+def _default_file_mode() -> int:
+    """``0o666`` minus the current umask (what ``open(path, "w")`` creates)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Yield a handle (``mode`` ``"w"`` or ``"wb"``) whose content replaces ``path`` when
+    the block ends without error; on an error the target is left as it was and the
+    temporary file removed."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`); returns the path."""
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:

@@ -23,7 +23,7 @@ columns no kept row needs trimmed. The mean over image targets stays an unbiased
 estimate; ``ctx_row_fraction = 1`` scores every image row of the batch.
 
 **Cross-modal divergence** ``L_div`` — on the batch's own hidden states, at the layers
-``div_layers``, with the probe's quantities (:func:`unifyreg.probing.batch_quantities`,
+``div_layers``, with the probe's quantities (:func:`unifyreg.quantities.batch_quantities`,
 Renyi order ``div_alpha``, 2 by default: no eigendecomposition, smooth gradients;
 median bandwidth *with* its gradient by default (``div_bandwidth``); in ``div_dtype``,
 float32 by default), length-normalised and averaged over the batch's samples:
@@ -47,15 +47,10 @@ from torch import Tensor, nn
 
 from unifyreg.adapters.base import Adapter, ForwardOutput
 from unifyreg.config import LossConfig
-from unifyreg.probing import batch_quantities
+from unifyreg.quantities import PAIRS, batch_quantities
 from unifyreg.roles import Role
 
 __all__ = ["ContextualPredictionLoss", "divergence_loss"]
-
-_PARTS = {
-    "encoding": ("encoding/text", "encoding/image"),
-    "response": ("response/text", "response/image"),
-}
 
 
 def divergence_loss(
@@ -75,7 +70,7 @@ def divergence_loss(
     ``"median_differentiable"`` (the median with its gradient: the default) or
     ``"median"`` (detached).
     """
-    wanted = [q for part in parts for q in _PARTS[part]]
+    wanted = [q for part in parts for q in PAIRS[part]]
     # Under autocast a float32 Gram would silently run in bf16/fp16: keep the estimator
     # in the precision asked for.
     with torch.autocast(device_type=roles.device.type, enabled=False):
@@ -85,7 +80,7 @@ def divergence_loss(
     total = roles.new_zeros((), dtype=torch.float64)
     used = 0
     for part in parts:
-        text, image = _PARTS[part]
+        text, image = PAIRS[part]
         if text not in values or image not in values:
             continue
         gap = values[text].normalized.mean(dim=1) - values[image].normalized.mean(dim=1)

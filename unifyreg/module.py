@@ -6,8 +6,10 @@ DataLoader's ``collate_fn``), ``adapter.forward`` returns the task losses. Extra
 ``term(adapter, batch, output, step) -> (weighted_loss, logs)``.
 
 Logged every step: ``loss/total``, ``loss/task``, ``loss/text``, ``loss/image``,
-``tokens/text``, ``tokens/image``, ``lr``, ``loss/skipped_steps``; once at the start of
-training: ``data/skipped_examples``.
+``tokens/text``, ``tokens/image``, ``loss/skipped_steps``; once at the start of
+training: ``data/skipped_examples``. The learning rate is Lightning's
+``LearningRateMonitor``'s to log: the scheduler is named ``lr`` and the parameter groups
+``decay`` and ``no_decay`` (``lr/decay``, ``lr/no_decay``; ``lr`` with one group).
 
 Reliability (docs/reliability.md):
 
@@ -146,15 +148,13 @@ class UMMModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"name": "decay", "params": [p for p in params if p.dim() >= 2]},
+            {"name": "no_decay", "params": [p for p in params if p.dim() < 2]},
+        ]
+        groups[0]["weight_decay"], groups[1]["weight_decay"] = self.optim.weight_decay, 0.0
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.optim.lr,
-            betas=tuple(self.optim.betas),
+            [g for g in groups if g["params"]], lr=self.optim.lr, betas=tuple(self.optim.betas)
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -164,11 +164,10 @@ class UMMModule(L.LightningModule):
         )
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
         }
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=False)
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:
             # (A 16-mixed gradient scaler already skips steps with inf/NaN gradients.)
             self._skip_non_finite_step(optimizer)

@@ -1,46 +1,160 @@
-"""Figures and tables (matplotlib, Agg backend; files written atomically)."""
+"""Tables, files and figures of probe results and ablations.
+
+Figure builders return matplotlib figures (Agg backend); callers save them
+(:func:`save_figure`, atomically) and log them (TensorBoard's ``add_figure``, ...), then
+close them. Tables are plain strings.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-if TYPE_CHECKING:
-    from unifyreg.probing import ProbeResult
+from unifyreg.fileio import atomic_file, atomic_write_json, atomic_write_text  # noqa: E402
+from unifyreg.probing import ProbeResult  # noqa: E402
+from unifyreg.quantities import QUANTITIES  # noqa: E402
 
-__all__ = ["plot_ablation", "plot_probe_history", "plot_probe_result", "save_figure"]
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically as PNG and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-        plt.close(fig)
-    return path
+__all__ = [
+    "ablation_figures",
+    "close_figures",
+    "probe_history_figures",
+    "probe_result_figures",
+    "probe_stats_csv",
+    "probe_table",
+    "save_figure",
+    "save_figures",
+    "write_probe_result",
+]
 
 
-def plot_probe_result(result: ProbeResult, directory: str | Path) -> dict[str, Path]:
-    """Two figures: prompt-entropy trajectories per modality and category
-    (``encoding_trajectories.png``) and text vs image conditional-entropy trajectories
-    (``response_trajectories.png``), both length-normalised, mean +- std over samples."""
+# ---------------------------------------------------------------------- tables
+
+
+def _column(result: ProbeResult, layer: int | None) -> int:
+    if layer is None:
+        return 0
+    if layer not in result.layers:
+        raise ValueError(f"layer {layer} was not probed; probed: {list(result.layers)}")
+    return result.layers.index(layer)
+
+
+def probe_table(result: ProbeResult, layer: int | None = None, fmt: str = "markdown") -> str:
+    """Table-1-style table: mean entropy per prompt category at one layer (default: the
+    first probed, i.e. the embedding entropy when layer 0 is probed), text categories
+    then image categories; ``fmt`` is ``"markdown"`` or ``"csv"``."""
+    if fmt not in ("markdown", "csv"):
+        raise ValueError(f"fmt must be 'markdown' or 'csv', got {fmt!r}")
+    column = _column(result, layer)
+    header, cells = ["layer"], [str(result.layers[column])]
+    for q in ("encoding/text", "encoding/image"):
+        for category, st in result.stats(q).items():
+            if category == "all":
+                continue
+            header.append(f"{q.split('/')[1]}:{category}")
+            cells.append(f"{st['mean'][column]:.3f}")
+    if fmt == "csv":
+        return ",".join(header) + "\n" + ",".join(cells) + "\n"
+    return (
+        "| "
+        + " | ".join(header)
+        + " |\n|"
+        + "---|" * len(header)
+        + "\n| "
+        + " | ".join(cells)
+        + " |\n"
+    )
+
+
+def probe_stats_csv(result: ProbeResult) -> str:
+    """Every statistic in long form, one CSV row per (quantity, category, layer)."""
+    lines = ["quantity,category,layer,mean,std,count,normalized_mean,normalized_std"]
+    for q in QUANTITIES:
+        raw, norm = result.stats(q), result.stats(q, normalized=True)
+        for category in raw:
+            for i, layer in enumerate(result.layers):
+                r, n = raw[category], norm[category]
+                lines.append(
+                    f"{q},{category},{layer},{r['mean'][i]:.6f},{r['std'][i]:.6f},"
+                    f"{r['count']},{n['mean'][i]:.6f},{n['std'][i]:.6f}"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def write_probe_result(
+    result: ProbeResult, directory: str | Path, figures: bool = True
+) -> dict[str, Path]:
+    """Write ``result.json`` (per-sample values), ``summary.json``, ``table.md``,
+    ``table.csv``, ``stats.csv`` and, with ``figures``, ``encoding_trajectories.png`` and
+    ``response_trajectories.png`` to ``directory``; returns ``name -> path``."""
     directory = Path(directory)
+    paths = {
+        "result": result.save(directory / "result.json"),
+        "summary": atomic_write_json(directory / "summary.json", result.summary()),
+        "table_md": atomic_write_text(directory / "table.md", probe_table(result)),
+        "table_csv": atomic_write_text(directory / "table.csv", probe_table(result, fmt="csv")),
+        "stats_csv": atomic_write_text(directory / "stats.csv", probe_stats_csv(result)),
+    }
+    if figures:
+        built = probe_result_figures(result)
+        names = {
+            "encoding_figure": "encoding_trajectories",
+            "response_figure": "response_trajectories",
+        }
+        for key, name in names.items():
+            paths[key] = save_figure(built[name], directory / f"{name}.png")
+    return paths
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120, close: bool = True) -> Path:
+    """Save a figure atomically as PNG (closed afterwards unless ``close=False``)."""
+    try:
+        with atomic_file(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        if close:
+            plt.close(fig)
+    return Path(path)
+
+
+def save_figures(
+    figures: Mapping[str, Figure], directory: str | Path, close: bool = True
+) -> dict[str, Path]:
+    """:func:`save_figure` of each ``name -> figure`` as ``directory/<name>.png``."""
+    return {
+        name: save_figure(fig, Path(directory) / f"{name}.png", close=close)
+        for name, fig in figures.items()
+    }
+
+
+def close_figures(figures: Mapping[str, Figure]) -> None:
+    """Release the figures' memory (pyplot keeps every open figure alive)."""
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def _layer_axis(ax) -> None:
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def probe_result_figures(result: ProbeResult) -> dict[str, Figure]:
+    """``encoding_trajectories``: prompt-entropy trajectories per modality and category;
+    ``response_trajectories``: text vs image conditional-entropy trajectories; both
+    length-normalised, mean (+- std for responses) over samples."""
     layers = list(result.layers)
-    paths: dict[str, Path] = {}
+    figures: dict[str, Figure] = {}
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, quantity in zip(axes, ("encoding/text", "encoding/image"), strict=True):
@@ -56,14 +170,12 @@ def plot_probe_result(result: ProbeResult, directory: str | Path) -> dict[str, P
                 **style,
             )
         ax.set_title(f"{quantity.split('/')[1]} prompts")
-        ax.set_xlabel("layer (0 = embeddings)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _layer_axis(ax)
         if stats:
             ax.legend(fontsize=7)
     axes[0].set_ylabel("normalised matrix entropy  H / log2 n")
     fig.suptitle("Prompt encoding: entropy trajectories")
-    paths["encoding_figure"] = save_figure(fig, directory / "encoding_trajectories.png")
+    figures["encoding_trajectories"] = fig
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for quantity, colour in (("response/text", "tab:blue"), ("response/image", "tab:orange")):
@@ -76,23 +188,20 @@ def plot_probe_result(result: ProbeResult, directory: str | Path) -> dict[str, P
         label = f"{quantity.split('/')[1]} response (n={stats['count']})"
         ax.plot(layers, mean, marker="o", markersize=3, color=colour, label=label)
         ax.fill_between(layers, low, high, color=colour, alpha=0.15)
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _layer_axis(ax)
     ax.set_ylabel("normalised proxy  H(R|P) / log2(n+m)")
     ax.set_title("Response: conditional-entropy trajectories")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths["response_figure"] = save_figure(fig, directory / "response_trajectories.png")
-    return paths
+    figures["response_trajectories"] = fig
+    return figures
 
 
-def plot_probe_history(history: list[dict[str, Any]], directory: str | Path) -> dict[str, Path]:
-    """Trajectory figures across epochs, one curve per probe (epoch label in the legend):
-    ``encoding_text_by_epoch.png``, ``encoding_image_by_epoch.png``,
-    ``response_text_by_epoch.png``, ``response_image_by_epoch.png`` (normalised means)."""
-    directory = Path(directory)
-    paths: dict[str, Path] = {}
-    for quantity in ("encoding/text", "encoding/image", "response/text", "response/image"):
+def probe_history_figures(history: list[dict[str, Any]]) -> dict[str, Figure]:
+    """Trajectories across epochs, one curve per probe (epoch label in the legend), one
+    figure per quantity with samples: ``<quantity with _ for />_by_epoch`` (normalised
+    means)."""
+    figures: dict[str, Figure] = {}
+    for quantity in QUANTITIES:
         curves = []
         for entry in history:
             stats = entry["summary"]["stats"].get(quantity)
@@ -106,38 +215,31 @@ def plot_probe_history(history: list[dict[str, Any]], directory: str | Path) -> 
         colours = plt.cm.viridis([i / max(1, len(curves) - 1) for i in range(len(curves))])
         for colour, (epoch, layers, mean) in zip(colours, curves, strict=True):
             ax.plot(layers, mean, marker="o", markersize=3, color=colour, label=f"epoch {epoch}")
-        ax.set_xlabel("layer (0 = embeddings)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _layer_axis(ax)
         ax.set_ylabel("normalised value")
         ax.set_title(f"{quantity} across epochs")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        name = quantity.replace("/", "_") + "_by_epoch"
-        paths[name] = save_figure(fig, directory / f"{name}.png")
-    return paths
+        figures[quantity.replace("/", "_") + "_by_epoch"] = fig
+    return figures
 
 
-def plot_ablation(by_arm: dict[str, Any], directory: str | Path) -> dict[str, Path]:
-    """Ablation figures: ``trajectories.png`` (final normalised trajectories of the four
-    probe quantities, one curve per arm, mean over seeds) and ``scores.png`` (scalar scores
-    and accuracies per arm, mean ± std over seeds)."""
-    directory = Path(directory)
-    paths: dict[str, Path] = {}
-    quantities = ("encoding/text", "encoding/image", "response/text", "response/image")
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=False)
-    for ax, quantity in zip(axes, quantities, strict=True):
+def ablation_figures(by_arm: dict[str, Any]) -> dict[str, Figure]:
+    """``trajectories``: the final normalised trajectories of the probe quantities, one
+    curve per arm (mean over runs); ``scores``: scalar scores and accuracies per arm,
+    mean with error bars (``std`` of the arm's entry)."""
+    figures: dict[str, Figure] = {}
+    fig, axes = plt.subplots(1, len(QUANTITIES), figsize=(4 * len(QUANTITIES), 3.8))
+    for ax, quantity in zip(axes, QUANTITIES, strict=True):
         for arm, entry in by_arm.items():
             curve = entry["trajectories"].get(quantity)
             if curve is not None:
                 ax.plot(entry["layers"], curve, marker="o", markersize=3, label=arm)
         ax.set_title(quantity)
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _layer_axis(ax)
     axes[0].set_ylabel("normalised value")
     axes[-1].legend(fontsize=7)
-    fig.suptitle("Final probe per arm (mean over seeds)")
-    paths["trajectories"] = save_figure(fig, directory / "trajectories.png")
+    fig.suptitle("Final probe per arm (mean over runs)")
+    figures["trajectories"] = fig
 
     metrics = sorted({m for entry in by_arm.values() for m in entry["metrics"]})
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.4 * len(metrics), 3.6))
@@ -151,5 +253,5 @@ def plot_ablation(by_arm: dict[str, Any], directory: str | Path) -> dict[str, Pa
         ax.set_title(metric.split("/")[1], fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    paths["scores"] = save_figure(fig, directory / "scores.png")
-    return paths
+    figures["scores"] = fig
+    return figures

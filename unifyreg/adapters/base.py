@@ -1,9 +1,17 @@
 """The one seam between model families and everything else.
 
 An adapter turns examples into model inputs, runs the model and returns a
-:class:`ForwardOutput`: hidden states of every layer (index 0 = input embeddings), a role
-label per position, and the task losses with their token counts. Probes, metrics,
-callbacks and losses read only this object.
+:class:`ForwardOutput`: hidden states of the layers asked for (index 0 = input
+embeddings), a role label per position, and the task losses with their token counts.
+Probes, metrics, callbacks and losses read only this object.
+
+Hidden states are captured by forward hooks on the family's layer list (:class:`LayerStack`,
+:func:`capture_hidden_states`), the same mechanism for every family: only the layers asked
+for are kept, and the model is never asked for all of its hidden states. Layer 0 is the
+input of the first layer (the input embeddings, after any embedding hook); layer ``l``
+is the output of block ``l``. The last layer is taken before the final norm unless
+``final_norm=True`` (``probe.final_norm``), which takes the final norm's output for it
+(what ``transformers``' ``output_hidden_states`` returns as its last entry).
 
 Examples are duck-typed: any object with the attributes ``prompt_text``,
 ``prompt_image``, ``response_text``, ``response_image`` (``None`` where absent),
@@ -13,7 +21,9 @@ Examples are duck-typed: any object with the attributes ``prompt_text``,
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +34,25 @@ from torch import Tensor, nn
 #: ``hook(input_embeddings [B, S, d], batch) -> input_embeddings``.
 EmbeddingHook = Callable[[Tensor, dict], Tensor]
 
+#: What a position's token is to the task loss: not a target, a text target, an image
+#: target (stored at the target token's own position: ``target_kind[t]`` describes
+#: ``input_ids[t]``, predicted from position ``t - 1`` by next-token families).
+TARGET_NONE, TARGET_TEXT, TARGET_IMAGE = 0, 1, 2
+
+#: Default of ``final_norm``: the last layer is taken before the final norm, like every
+#: other layer (the residual stream); README, "Which hidden states".
+FINAL_NORM_DEFAULT = False
+
 __all__ = [
-    "ADAPTERS",
+    "FINAL_NORM_DEFAULT",
+    "TARGET_IMAGE",
+    "TARGET_NONE",
+    "TARGET_TEXT",
     "Adapter",
     "EmbeddingHook",
     "ForwardOutput",
-    "available_adapters",
-    "get_adapter_class",
-    "register_adapter",
+    "LayerStack",
+    "capture_hidden_states",
 ]
 
 
@@ -41,14 +62,13 @@ class ForwardOutput:
 
     - ``hidden_layers``: the hidden states as a tuple of ``len(layers)`` tensors
       ``[B, S, d]`` (all ``L + 1`` by default; index 0 of the full stack is the input
-      embeddings), or ``None`` when not asked for. Adapters pass the model's own per-layer
-      tensors, so no second copy of the batch's hidden states is made;
+      embeddings), or ``None`` when not asked for;
     - ``hidden_states``: the same stacked as ``[len(layers), B, S, d]`` (a new tensor at
       every access; readers that can work layer by layer use ``hidden_layers``);
     - ``layers``: the layer index of each entry of ``hidden_layers``;
     - ``roles``: ``[B, S]`` int64 :class:`unifyreg.roles.Role` labels;
-    - ``text_loss`` / ``image_loss``: mean token cross-entropy over text / image response
-      targets (0 when there are none), with ``text_tokens`` / ``image_tokens`` counts;
+    - ``text_loss`` / ``image_loss``: mean loss over text / image response targets (0 when
+      there are none), with ``text_tokens`` / ``image_tokens`` counts (the scored targets);
     - ``logits``: ``[B, S, V]`` or ``None``.
 
     ``task_loss`` is the token-weighted mean over both: ``(text_loss * text_tokens +
@@ -104,28 +124,160 @@ class ForwardOutput:
 
     @property
     def task_loss(self) -> Tensor:
+        """Token-weighted mean of the text and image losses (class docstring)."""
         total = (self.text_tokens + self.image_tokens).clamp_min(1)
         return (self.text_loss * self.text_tokens + self.image_loss * self.image_tokens) / total
+
+
+# ---------------------------------------------------------------------- layer capture
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """Where a family's hidden states live, as dotted module paths from the adapter's
+    model (under any peft wrapper): ``blocks`` the ``nn.ModuleList`` whose block ``l - 1``
+    outputs hidden state ``l``; ``final_norm`` the norm applied after the last block (""
+    when there is none). ``output`` picks the hidden state out of a block's output (default:
+    the tensor itself, or the first element of a tuple); a block whose input is not its
+    first argument or ``hidden_states`` keyword sets ``input``."""
+
+    blocks: str
+    final_norm: str = ""
+    output: Callable[[Any], Tensor] | None = None
+    input: Callable[[tuple, dict], Tensor] | None = None
+
+    def modules(self, model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
+        """``(blocks, final norm or None)`` of ``model``; ValueError names a missing path."""
+        try:
+            blocks = operator.attrgetter(self.blocks)(model)
+        except AttributeError:
+            raise ValueError(f"the model has no layer list at {self.blocks!r}") from None
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+            raise ValueError(f"{self.blocks!r} is not a non-empty list of modules")
+        norm = None
+        if self.final_norm:
+            try:
+                norm = operator.attrgetter(self.final_norm)(model)
+            except AttributeError:
+                raise ValueError(f"the model has no final norm at {self.final_norm!r}") from None
+        return blocks, norm
+
+
+def _first_tensor(value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
+        return value[0]
+    for name in ("last_hidden_state", "hidden_states"):
+        hidden = getattr(value, name, None)
+        if isinstance(hidden, Tensor):
+            return hidden
+    raise TypeError(f"cannot find the hidden state in a block output of type {type(value)}")
+
+
+def _block_input(args: tuple, kwargs: dict) -> Tensor:
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return kwargs["hidden_states"]
+    raise TypeError("cannot find the hidden state among the first block's inputs")
+
+
+class CapturedStates:
+    """Hidden states caught by :func:`capture_hidden_states`, one slot per asked layer."""
+
+    def __init__(self, layers: Sequence[int]) -> None:
+        self.layers = tuple(layers)
+        self._states: dict[int, Tensor] = {}
+
+    def put(self, layer: int, value: Tensor) -> None:
+        self._states[layer] = value
+
+    def states(self) -> tuple[Tensor, ...]:
+        """The captured tensors in the order of ``layers``; RuntimeError if one is missing
+        (the model did not run through that layer)."""
+        missing = [layer for layer in self.layers if layer not in self._states]
+        if missing:
+            raise RuntimeError(f"no hidden state was captured for layer(s) {missing}")
+        return tuple(self._states[layer] for layer in self.layers)
+
+
+@contextmanager
+def capture_hidden_states(
+    model: nn.Module, stack: LayerStack, layers: Sequence[int], final_norm: bool = False
+) -> Iterator[CapturedStates]:
+    """Inside the block, forward hooks on ``stack``'s modules of ``model`` keep the hidden
+    states of ``layers`` (``0..L``; module docstring for which tensor each is). Only the
+    hooks the asked layers need are installed, and all are removed on leaving."""
+    blocks, norm = stack.modules(model)
+    total = len(blocks)
+    captured = CapturedStates(layers)
+    pick = stack.output or _first_tensor
+    read_input = stack.input or _block_input
+    handles = []
+    try:
+        wanted = set(captured.layers)
+        if 0 in wanted:
+
+            def before_first(_module, args, kwargs):
+                captured.put(0, read_input(args, kwargs))
+
+            handles.append(blocks[0].register_forward_pre_hook(before_first, with_kwargs=True))
+        for layer in sorted(wanted - {0}):
+            if not 1 <= layer <= total:
+                raise ValueError(f"layer {layer} out of range: this model has layers 0..{total}")
+            if layer == total and final_norm:
+                if norm is None:
+                    raise ValueError("final_norm=True, but this model has no final norm")
+
+                def after_norm(_module, _args, output, _layer=layer):
+                    captured.put(_layer, _first_tensor(output))
+
+                handles.append(norm.register_forward_hook(after_norm))
+            else:
+
+                def after_block(_module, _args, output, _layer=layer):
+                    captured.put(_layer, pick(output))
+
+                handles.append(blocks[layer - 1].register_forward_hook(after_block))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------- the protocol
 
 
 class Adapter(abc.ABC):
     """Protocol every model family implements (see DESIGN.md, "One seam").
 
-    Subclasses set ``name`` and implement the abstract methods. ``model`` is the wrapped
-    ``nn.Module`` (possibly wrapped again by peft); ``num_layers`` is L, the number of
-    transformer blocks (hidden states have L + 1 entries).
+    Subclasses set ``name`` (the registry sets it) and :attr:`layer_stack`, and implement
+    the abstract methods. ``model`` is the wrapped ``nn.Module`` (possibly wrapped again by
+    peft); ``num_layers`` is L, the number of blocks of its layer stack (hidden states have
+    L + 1 entries). ``save_merged_after_finetune``: whether ``finetune`` also saves a model
+    with LoRA merged in (small models; loadable by :meth:`load`).
     """
 
     name: str = ""
     #: Module-name suffixes LoRA targets by default (language model only).
     default_lora_targets: tuple[str, ...] = ()
+    #: The family's layer list and final norm, as paths from :attr:`base_model`.
+    layer_stack: LayerStack
+    save_merged_after_finetune: bool = False
 
     model: nn.Module
 
     @property
-    @abc.abstractmethod
+    def base_model(self) -> nn.Module:
+        """The wrapped model itself, under any peft wrapper."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    @property
     def num_layers(self) -> int:
-        """L: the number of transformer blocks of the language model."""
+        """L: the number of blocks of :attr:`layer_stack`."""
+        return len(self.layer_stack.modules(self.base_model)[0])
 
     @abc.abstractmethod
     def encode(self, examples: Sequence[Any]) -> dict[str, Tensor]:
@@ -133,7 +285,7 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def input_embeddings(self, batch: dict[str, Tensor]) -> Tensor:
-        """``[B, S, d]`` inputs of the language model (hidden state 0) for an encoded batch."""
+        """``[B, S, d]`` inputs of the layer stack (hidden state 0) for an encoded batch."""
 
     @abc.abstractmethod
     def forward(
@@ -143,12 +295,14 @@ class Adapter(abc.ABC):
         layers: Sequence[int] | None = None,
         keep_logits: bool = False,
         embedding_hook: EmbeddingHook | None = None,
+        final_norm: bool = FINAL_NORM_DEFAULT,
     ) -> ForwardOutput:
         """Run the model on an encoded batch (teacher-forced) -> :class:`ForwardOutput`.
 
-        ``embedding_hook(embeds, batch) -> embeds`` may replace the language model's input
-        embeddings ``[B, S, d]`` before the layers run (the contextual-prediction loss
-        swaps masked image positions for a learned mask embedding this way).
+        ``embedding_hook(embeds, batch) -> embeds`` may replace the input embeddings
+        ``[B, S, d]`` before the layers run (the contextual-prediction loss swaps masked
+        image positions for a learned mask embedding this way). ``final_norm``: take the
+        last layer after the final norm (module docstring).
         """
 
     @abc.abstractmethod
@@ -172,8 +326,8 @@ class Adapter(abc.ABC):
 
     @property
     def hidden_size(self) -> int:
-        """Width d of the language model's hidden states (of its input embeddings)."""
-        return int(self.model.get_input_embeddings().embedding_dim)
+        """Width d of the hidden states (of the input embeddings)."""
+        return int(self.base_model.get_input_embeddings().embedding_dim)
 
     @property
     def device(self) -> torch.device:
@@ -194,33 +348,33 @@ class Adapter(abc.ABC):
             resolved.append(index)
         return tuple(resolved)
 
-
-ADAPTERS: dict[str, type[Adapter]] = {}
-
-
-def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
-    """Class decorator: make an adapter available to configs under ``name``."""
-
-    def decorate(cls: type[Adapter]) -> type[Adapter]:
-        if name in ADAPTERS and ADAPTERS[name] is not cls:
-            raise ValueError(f"adapter name {name!r} is already registered")
-        cls.name = name
-        ADAPTERS[name] = cls
-        return cls
-
-    return decorate
+    @contextmanager
+    def capture(
+        self, layers: Sequence[int] | None, enabled: bool = True, final_norm: bool = False
+    ) -> Iterator[CapturedStates | None]:
+        """:func:`capture_hidden_states` of :attr:`layer_stack` for ``layers`` (resolved;
+        None = all), or nothing when not ``enabled``."""
+        if not enabled:
+            yield None
+            return
+        chosen = self.resolve_layers(layers)
+        with capture_hidden_states(self.base_model, self.layer_stack, chosen, final_norm) as c:
+            yield c
 
 
-def available_adapters() -> tuple[str, ...]:
-    """Names of the registered adapters, sorted."""
-    return tuple(sorted(ADAPTERS))
+def cache_argument(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The key/value-cache keyword of ``model.forward``: ``cache`` in recent
+    ``transformers`` 5.x, ``past_key_values`` before (passing the old name to a new
+    version warns that it will be removed)."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
 
 
-def get_adapter_class(name: str) -> type[Adapter]:
-    """The adapter registered as ``name``; ValueError lists the valid names."""
-    try:
-        return ADAPTERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown adapter {name!r}; registered: {', '.join(available_adapters())}"
-        ) from None
+def output_cache(output: Any) -> Any:
+    """The key/value cache of a ``transformers`` model output (either field name)."""
+    keys = output.keys() if hasattr(output, "keys") else ()
+    if "cache" in keys:
+        return output["cache"]
+    return output["past_key_values"] if "past_key_values" in keys else None

@@ -45,10 +45,8 @@ from transformers.models.chameleon.image_processing_pil_chameleon import (
     ChameleonImageProcessorPil,
 )
 
-from unifyreg.adapters.base import register_adapter
+from unifyreg.adapters.base import TARGET_IMAGE, TARGET_NONE
 from unifyreg.adapters.hf_common import (
-    TARGET_IMAGE,
-    TARGET_NONE,
     PromptTemplate,
     TokenRow,
     TransformersAdapter,
@@ -62,7 +60,6 @@ __all__ = ["ChameleonAdapter", "save_tiny_chameleon"]
 CHAMELEON_SEP = "<reserved08706>"
 
 
-@register_adapter("chameleon")
 class ChameleonAdapter(TransformersAdapter):
     """Adapter for Chameleon and Anole checkpoints (see the module docstring for the layout).
 
@@ -71,6 +68,8 @@ class ChameleonAdapter(TransformersAdapter):
         adapter = ChameleonAdapter.load("/models/Anole-7b-hf", dtype="bfloat16")
         out = adapter.forward(adapter.encode(read_manifest("probe.jsonl").examples[:4]))
     """
+
+    name = "chameleon"
 
     model_class = ChameleonForConditionalGeneration
     model_type = "chameleon"

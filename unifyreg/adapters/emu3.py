@@ -36,10 +36,8 @@ from torch import Tensor
 from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3Processor
 from transformers.models.emu3.image_processing_emu3 import Emu3ImageProcessor
 
-from unifyreg.adapters.base import register_adapter
+from unifyreg.adapters.base import TARGET_IMAGE, TARGET_NONE
 from unifyreg.adapters.hf_common import (
-    TARGET_IMAGE,
-    TARGET_NONE,
     PromptTemplate,
     TokenRow,
     TransformersAdapter,
@@ -51,7 +49,6 @@ from unifyreg.roles import Role
 __all__ = ["Emu3Adapter", "save_tiny_emu3"]
 
 
-@register_adapter("emu3")
 class Emu3Adapter(TransformersAdapter):
     """Adapter for Emu3 checkpoints (see the module docstring for the layout).
 
@@ -63,6 +60,8 @@ class Emu3Adapter(TransformersAdapter):
         adapter = Emu3Adapter.load("/models/Emu3-Chat-hf", dtype="bfloat16")
         out = adapter.forward(adapter.encode(read_manifest("probe.jsonl").examples[:4]))
     """
+
+    name = "emu3"
 
     model_class = Emu3ForConditionalGeneration
     model_type = "emu3"

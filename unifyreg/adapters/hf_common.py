@@ -40,20 +40,27 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from unifyreg.adapters.base import Adapter, EmbeddingHook, ForwardOutput
-from unifyreg.adapters.toy import TARGET_IMAGE, TARGET_NONE, TARGET_TEXT
+from unifyreg.adapters.base import (
+    FINAL_NORM_DEFAULT,
+    TARGET_IMAGE,
+    TARGET_NONE,
+    TARGET_TEXT,
+    Adapter,
+    EmbeddingHook,
+    ForwardOutput,
+    LayerStack,
+    cache_argument,
+    output_cache,
+)
+from unifyreg.images import as_rgb_image
 from unifyreg.roles import Role
 
 __all__ = [
     "ADAPTER_SETTINGS_FILE",
     "LORA_PROJECTIONS",
-    "TARGET_IMAGE",
-    "TARGET_NONE",
-    "TARGET_TEXT",
     "PromptTemplate",
     "TokenRow",
     "TransformersAdapter",
-    "as_rgb_image",
     "byte_level_tokenizer",
     "pixels_to_pil",
     "resolve_dtype",
@@ -188,20 +195,6 @@ def pixels_to_pil(pixels: Tensor, image_processor: Any) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
 
 
-def as_rgb_image(image: Any, what: str = "image") -> Image.Image:
-    """An RGB PIL image from a PIL image (manifests) or a toy-world grid (a 2-D integer
-    array, drawn with the world's palette), so both kinds of probe set work."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray) and image.ndim == 2 and image.dtype.kind in "iu":
-        from unifyreg.toy.world import render_grid
-
-        return Image.fromarray(render_grid(image), mode="RGB")
-    raise ValueError(
-        f"{what} must be a PIL image or a toy grid (2-D integer array), got {type(image).__name__}"
-    )
-
-
 class TransformersAdapter(Adapter):
     """Base of the adapters over native ``transformers`` UMMs (see the module docstring).
 
@@ -241,10 +234,9 @@ class TransformersAdapter(Adapter):
     # ------------------------------------------------------------------ model parts
 
     @property
-    def base_model(self) -> nn.Module:
-        """The ``transformers`` model itself, under any peft wrapper."""
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if callable(get_base) else self.model
+    def layer_stack(self) -> LayerStack:  # type: ignore[override]
+        """The language model's ``layers`` and final ``norm``."""
+        return LayerStack(f"{self.language_model_path}.layers", f"{self.language_model_path}.norm")
 
     @property
     def language_model(self) -> nn.Module:
@@ -260,11 +252,6 @@ class TransformersAdapter(Adapter):
     def lm_head(self) -> nn.Module:
         """The text output head (hidden state -> vocabulary logits)."""
         return self.base_model.lm_head
-
-    @property
-    def num_layers(self) -> int:
-        """L: the language model's decoder layers (hidden states have L + 1 entries)."""
-        return len(self.language_model.layers)
 
     def lora_target_module_names(self) -> tuple[str, ...]:
         """Full names (in :attr:`base_model`) of the language model's attention/MLP projections."""
@@ -544,6 +531,7 @@ class TransformersAdapter(Adapter):
         layers: Sequence[int] | None = None,
         keep_logits: bool = False,
         embedding_hook: EmbeddingHook | None = None,
+        final_norm: bool = FINAL_NORM_DEFAULT,
     ) -> ForwardOutput:
         """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract."""
         device = self.device
@@ -552,12 +540,10 @@ class TransformersAdapter(Adapter):
         embeds = self.input_embeddings(batch)
         if embedding_hook is not None:
             embeds = embedding_hook(embeds, batch)
-        out = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            output_hidden_states=output_hidden_states,
-            use_cache=False,
-        )
+        with self.capture(chosen, output_hidden_states, final_norm) as captured:
+            out = self.language_model(
+                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+            )
         final = out.last_hidden_state
         # Position t predicts token t + 1, so a target at t >= 1 is scored from t - 1.
         kinds = batch["target_kind"].to(device).clone()
@@ -571,11 +557,8 @@ class TransformersAdapter(Adapter):
         )
         text_loss, text_tokens = _mean_cross_entropy(text_logits, text_labels)
         image_loss, image_tokens = _mean_cross_entropy(image_logits, image_labels)
-        hidden = None
-        if output_hidden_states:
-            hidden = tuple(out.hidden_states[i] for i in chosen)  # no stacked copy
         return ForwardOutput(
-            hidden_states=hidden,
+            hidden_states=captured.states() if captured is not None else None,
             layers=chosen,
             roles=batch["roles"].to(device),
             text_loss=text_loss,
@@ -647,8 +630,8 @@ class TransformersAdapter(Adapter):
                         inputs_embeds=embed(next_ids),
                         attention_mask=mask,
                         position_ids=positions,
-                        past_key_values=out.past_key_values,
                         use_cache=True,
+                        **cache_argument(self.language_model, output_cache(out)),
                     )
                 for tokens in torch.stack(generated, dim=1).tolist():
                     if stop_id is not None and stop_id in tokens:

@@ -41,10 +41,8 @@ from torch import Tensor
 from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
 from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-from unifyreg.adapters.base import register_adapter
+from unifyreg.adapters.base import TARGET_IMAGE, TARGET_NONE
 from unifyreg.adapters.hf_common import (
-    TARGET_IMAGE,
-    TARGET_NONE,
     PromptTemplate,
     TokenRow,
     TransformersAdapter,
@@ -56,7 +54,6 @@ from unifyreg.roles import Role
 __all__ = ["JanusAdapter", "save_tiny_janus"]
 
 
-@register_adapter("janus")
 class JanusAdapter(TransformersAdapter):
     """Adapter for Janus / Janus-Pro checkpoints (see the module docstring for the layout).
 
@@ -65,6 +62,8 @@ class JanusAdapter(TransformersAdapter):
         adapter = JanusAdapter.load("/models/Janus-Pro-1B", dtype="bfloat16")
         out = adapter.forward(adapter.encode(read_manifest("probe.jsonl").examples[:4]))
     """
+
+    name = "janus"
 
     model_class = JanusForConditionalGeneration
     model_type = "janus"

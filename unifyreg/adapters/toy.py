@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,66 +35,30 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from unifyreg.adapters.base import Adapter, EmbeddingHook, ForwardOutput, register_adapter
+from unifyreg.adapters.base import (
+    FINAL_NORM_DEFAULT,
+    TARGET_IMAGE,
+    TARGET_NONE,
+    TARGET_TEXT,
+    Adapter,
+    EmbeddingHook,
+    ForwardOutput,
+    LayerStack,
+    cache_argument,
+    output_cache,
+)
 from unifyreg.roles import Role
+from unifyreg.toy.model import ToyModelConfig
 from unifyreg.toy.tokenizer import WordTokenizer
 from unifyreg.toy.world import Grid, parse_image
 
-__all__ = ["ToyAdapter", "ToyModelConfig"]
+__all__ = ["ADAPTER_FILE", "ToyAdapter"]
 
-TARGET_NONE, TARGET_TEXT, TARGET_IMAGE = 0, 1, 2
 ADAPTER_FILE = "unifyreg_toy.json"
 
 
-#: Version of the sequence layout above; part of the toy-base cache key, so a cached base
-#: trained with another layout is never reused.
-LAYOUT_VERSION = 2
-
-
-@dataclass
-class ToyModelConfig:
-    """Size of the toy decoder (a ``transformers`` ``LlamaConfig`` underneath)."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 256
-    max_positions: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be an integer >= 1, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by "
-                f"model.num_heads ({self.num_heads})"
-            )
-        if not isinstance(self.max_positions, int) or self.max_positions < 8:
-            raise ValueError(
-                f"model.max_positions must be an integer >= 8, got {self.max_positions!r}"
-            )
-
-    def llama_config(self, vocab_size: int, tokenizer: WordTokenizer) -> LlamaConfig:
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_heads,
-            max_position_embeddings=self.max_positions,
-            pad_token_id=tokenizer.pad_id,
-            bos_token_id=tokenizer.bos_id,
-            eos_token_id=tokenizer.eos_id,
-            tie_word_embeddings=False,
-        )
-
-
-@register_adapter("toy")
 class ToyAdapter(Adapter):
     """Adapter for the built-in toy decoder (see the module docstring for the layout).
 
@@ -107,6 +71,9 @@ class ToyAdapter(Adapter):
         out = adapter.forward(batch)        # out.hidden_states: [L+1, 8, S, 128]
     """
 
+    name = "toy"
+    layer_stack = LayerStack(blocks="model.layers", final_norm="model.norm")
+    save_merged_after_finetune = True
     default_lora_targets = (
         "q_proj",
         "k_proj",
@@ -172,10 +139,6 @@ class ToyAdapter(Adapter):
         tokenizer = WordTokenizer.load(directory)
         model = LlamaForCausalLM.from_pretrained(directory, local_files_only=True, **kwargs)
         return cls(model, tokenizer, meta["grid_size"])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
 
     # ------------------------------------------------------------------ encoding
 
@@ -258,6 +221,7 @@ class ToyAdapter(Adapter):
         layers: Sequence[int] | None = None,
         keep_logits: bool = False,
         embedding_hook: EmbeddingHook | None = None,
+        final_norm: bool = FINAL_NORM_DEFAULT,
     ) -> ForwardOutput:
         """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract."""
         device = self.device
@@ -266,12 +230,9 @@ class ToyAdapter(Adapter):
         embeds = self.input_embeddings(batch)
         if embedding_hook is not None:
             embeds = embedding_hook(embeds, batch)
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            output_hidden_states=output_hidden_states,
-            use_cache=False,
-        )
+        chosen = self.resolve_layers(layers)
+        with self.capture(chosen, output_hidden_states, final_norm) as captured:
+            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         logits = out.logits
         # Position t predicts token t + 1; a target's kind is stored at its own position.
         token_losses = F.cross_entropy(
@@ -282,12 +243,8 @@ class ToyAdapter(Adapter):
         text_tokens, image_tokens = text_mask.sum(), image_mask.sum()
         text_loss = (token_losses * text_mask).sum() / text_tokens.clamp_min(1)
         image_loss = (token_losses * image_mask).sum() / image_tokens.clamp_min(1)
-        chosen = self.resolve_layers(layers)
-        hidden = None
-        if output_hidden_states:
-            hidden = tuple(out.hidden_states[i] for i in chosen)  # no stacked copy
         return ForwardOutput(
-            hidden_states=hidden,
+            hidden_states=captured.states() if captured is not None else None,
             layers=chosen,
             roles=batch["roles"].to(device),
             text_loss=text_loss,
@@ -340,10 +297,10 @@ class ToyAdapter(Adapter):
                         input_ids=ids,
                         attention_mask=mask,
                         position_ids=positions,
-                        past_key_values=cache,
                         use_cache=True,
+                        **cache_argument(self.model, cache),
                     )
-                    cache = out.past_key_values
+                    cache = output_cache(out)
                     logits = out.logits[:, -1]
                     next_ids = logits.masked_fill(banned, float("-inf")).argmax(-1)
                     generated.append(next_ids)

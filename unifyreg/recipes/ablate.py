@@ -31,11 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from unifyreg.config import AblateConfig, ArmConfig, to_yaml
+from unifyreg.config import AblateConfig, ArmConfig, FinetuneConfig, to_yaml
 from unifyreg.fileio import atomic_write_json, atomic_write_text
-from unifyreg.probing import QUANTITIES, SCORE_NAMES
-from unifyreg.recipes.common import fit
+from unifyreg.probing import SCORE_NAMES
+from unifyreg.quantities import QUANTITIES
 from unifyreg.recipes.finetune import build_trainer_parts, resolve_resume
+from unifyreg.sources import example_source, resolve_source
+from unifyreg.trainer import fit
 
 __all__ = ["aggregate", "render_report", "run", "run_arm"]
 
@@ -43,18 +45,26 @@ ACCURACY_NAMES = ("t2i_direct", "understanding", "text_facts", "t2i_reasoning", 
 DONE_FILE = "done.json"
 
 
-def run_arm(cfg: AblateConfig, arm: ArmConfig, seed: int) -> dict[str, Any]:
-    """Fine-tune one (arm, seed), probe and score it; returns (and writes) its record."""
+def arm_config(cfg: AblateConfig, arm: ArmConfig, seed: int) -> FinetuneConfig:
+    """The fine-tune config of one (arm, seed): the shared ``finetune`` section with the
+    arm's weights, the seed, its own run directory and ``resume=last``."""
     ft = copy.deepcopy(cfg.finetune)
     ft.seed = seed
     ft.loss.w_ctx, ft.loss.w_div = arm.w_ctx, arm.w_div
     ft.run_dir = str(Path(cfg.output_dir) / "runs" / arm.name / f"seed_{seed}")
     ft.resume = "last"
+    return ft
+
+
+def run_arm(cfg: AblateConfig, arm: ArmConfig, seed: int) -> dict[str, Any]:
+    """Fine-tune one (arm, seed), probe and score it; returns (and writes) its record."""
+    ft = arm_config(cfg, arm, seed)
     start = time.perf_counter()
     ckpt = resolve_resume(ft)
-    adapter, module, loader, probe, trainer = build_trainer_parts(ft)
+    parts = build_trainer_parts(ft)
+    probe = parts.probe
     atomic_write_text(Path(ft.run_dir) / "config.yaml", to_yaml(ft))
-    fit(trainer, module, loader, ckpt)  # weights_only=True
+    fit(parts.trainer, parts.module, parts.loader, ckpt)  # weights_only=True
     final = probe.history[-1]
     record: dict[str, Any] = {
         "arm": arm.name,
@@ -79,13 +89,10 @@ def run_arm(cfg: AblateConfig, arm: ArmConfig, seed: int) -> dict[str, Any]:
         ],
         "accuracies": {},
     }
-    if ft.model.adapter == "toy":
-        from unifyreg.toy.evaluation import evaluate_examples
-        from unifyreg.toy.splits import build_splits
-
-        splits = build_splits(ft.pretrain.world)
-        results = evaluate_examples(adapter, {s: splits[s] for s in cfg.eval_splits})
-        record["accuracies"] = results["headline"]
+    # Exact accuracies where the training data's source can score (the toy world).
+    source = example_source(resolve_source(ft.data, ft.model.adapter, "data"))
+    if source is not None and hasattr(source, "evaluate"):
+        record["accuracies"] = source.evaluate(parts.adapter, cfg.eval_splits, ft.pretrain)
     record["seconds"] = time.perf_counter() - start
     atomic_write_json(Path(ft.run_dir) / DONE_FILE, record)
     return record
@@ -101,8 +108,13 @@ def aggregate(records: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
     """Per-arm mean/std and paired differences to ``baseline`` (see the module docstring)."""
     metrics = [*(f"score/{n}" for n in SCORE_NAMES), *(f"accuracy/{n}" for n in ACCURACY_NAMES)]
 
+    metrics.insert(2, "score/response_split_distance")
+
     def value(record, metric):
         group, name = metric.split("/")
+        if name == "response_split_distance":  # |split|: how far from the unified state
+            split = record["scores"].get("response_split")
+            return None if split is None else abs(split)
         return (record["scores"] if group == "score" else record["accuracies"]).get(name)
 
     by_arm: dict[str, Any] = {}
@@ -211,10 +223,8 @@ def render_report(by_arm: dict[str, Any], cfg: AblateConfig) -> str:
         vs = entry["vs_baseline"]
         lines.append(f"- **{arm}**:")
         lines.append("  - " + _verdict(vs.get("score/encoding_gap"), True, "encoding gap"))
-        split = vs.get("score/response_split")
-        base_split = by_arm.get("baseline", {}).get("metrics", {}).get("score/response_split")
-        if split is not None and base_split is not None and base_split["mean"] < 0:
-            split = {**split, "mean": -split["mean"]}  # towards 0 is better whichever sign
+        # |arm| - |baseline| paired by seed: towards 0 is better whichever the sign.
+        split = vs.get("score/response_split_distance")
         lines.append("  - " + _verdict(split, True, "|response split| (distance from 0)"))
         lines.append("  - " + _verdict(vs.get("score/final_gap"), True, "final-layer gap"))
         lines.append(
@@ -252,10 +262,15 @@ def _print_table(by_arm: dict[str, Any]) -> None:
         print(f"| {arm} | " + " | ".join(cells) + " |")
 
 
-def run(cfg: AblateConfig) -> int:
-    """Command ``unifyreg ablate``."""
+def run(cfg: AblateConfig, dry_run: bool = False) -> int:
+    """Command ``unifyreg ablate`` (``dry_run``: check the first run's fine-tune only)."""
     out = Path(cfg.output_dir)
     arms = cfg.all_arms()
+    if dry_run:
+        from unifyreg.recipes.finetune import run as finetune
+
+        print(f"dry run: {len(arms)} arm(s) x {len(cfg.seeds)} seed(s) -> {out}")
+        return finetune(arm_config(cfg, arms[0], cfg.seeds[0]), dry_run=True)
     plan = [(arm, seed) for arm in arms for seed in cfg.seeds]
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     records = []
@@ -283,9 +298,9 @@ def run(cfg: AblateConfig) -> int:
     report = render_report(by_arm, cfg)
     atomic_write_text(out / "report.md", report)
     if cfg.figures:
-        from unifyreg.report import plot_ablation
+        from unifyreg.report import ablation_figures, save_figures
 
-        plot_ablation(by_arm, out)
+        save_figures(ablation_figures(by_arm), out)
     _print_table(by_arm)
     print("\n" + report.split("## What it says", 1)[1].strip())
     print(f"\nreport: {out / 'report.md'} (results.json, trajectories.png, scores.png beside it)")

@@ -1,5 +1,5 @@
 """Pieces shared by recipes: loading a model through its adapter, reading probe sets and
-training data, checking that manifest examples fit the model, resuming safely."""
+training data, checking that manifest examples fit the model."""
 
 from __future__ import annotations
 
@@ -9,88 +9,91 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from unifyreg.adapters.base import Adapter, get_adapter_class
+from unifyreg.adapters import Adapter, adapter_spec, get_adapter_class, import_object
 from unifyreg.config import ConfigError, ModelSource, PretrainToyConfig
-from unifyreg.manifest import ManifestError, read_manifest
+from unifyreg.manifest import ManifestError
+from unifyreg.sources import load_examples, resolve_source
 
 __all__ = [
+    "check_layers",
     "drop_examples_that_do_not_fit",
-    "fit",
     "load_adapter",
-    "load_checkpoint",
     "load_probe_set",
     "load_training_examples",
+    "model_directory",
 ]
 
 
-def load_adapter(source: ModelSource, pretrain: PretrainToyConfig | None = None) -> Adapter:
-    """The adapter ``source.adapter`` loaded from ``source.path`` (local directory only).
-
-    ``toy`` with an empty path loads (building if needed) the cached toy base.
-    """
-    if not source.path and source.adapter != "toy":
-        raise ConfigError(f"model.path is required for adapter {source.adapter!r}")
-    cls = _adapter_class(source.adapter)
+def model_directory(
+    source: ModelSource, pretrain: PretrainToyConfig | None = None, build: bool = True
+) -> Path:
+    """The local directory ``source`` names: ``model.path``, or the adapter's default
+    model (the toy's cached base, built first if absent; ``build=False``: only its path,
+    which may not exist yet) when the path is empty."""
+    try:
+        spec = adapter_spec(source.adapter)
+    except ValueError as error:
+        raise ConfigError(f"model.adapter: {error}") from None
     if not source.path:
-        from unifyreg.recipes.pretrain_toy import build_toy_base
-
-        return cls.load(build_toy_base(pretrain or PretrainToyConfig()))
+        if not spec.default_model:
+            raise ConfigError(f"model.path is required for adapter {source.adapter!r}")
+        default = import_object(spec.default_model)
+        return Path(default(pretrain, build=build))  # type: ignore[operator]
     path = Path(source.path)
     if not path.is_dir():
         raise ConfigError(f"model.path: directory {str(path)!r} does not exist")
+    return path
+
+
+def load_adapter(source: ModelSource, pretrain: PretrainToyConfig | None = None) -> Adapter:
+    """The adapter ``source.adapter`` loaded from :func:`model_directory` (local only).
+
+    ``dtype`` and ``trust_remote_code`` go to adapters whose ``load`` takes them; an
+    adapter that runs no code from the directory anyway warns that the flag is ignored.
+    """
+    cls = get_adapter_class(source.adapter)
+    path = model_directory(source, pretrain)
+    accepted = inspect.signature(cls.load).parameters
     kwargs: dict[str, Any] = {}
-    if source.adapter != "toy":
-        kwargs = {"dtype": source.dtype, "trust_remote_code": source.trust_remote_code}
+    if "dtype" in accepted:
+        kwargs["dtype"] = source.dtype
+    if "trust_remote_code" in accepted:
+        kwargs["trust_remote_code"] = source.trust_remote_code
     elif source.trust_remote_code:
         warnings.warn(
-            "model.trust_remote_code=true is ignored by the 'toy' adapter: it loads the "
-            "native transformers LlamaForCausalLM, and no code from "
-            f"{str(path)!r} is executed",
+            f"model.trust_remote_code=true is ignored by the {source.adapter!r} adapter: it "
+            f"loads its own classes, and no code from {str(path)!r} is executed",
             UserWarning,
             stacklevel=2,
         )
     return cls.load(path, **kwargs)
 
 
-def _adapter_class(name: str):
-    try:
-        return get_adapter_class(name)
-    except ValueError as error:
-        raise ConfigError(f"model.adapter: {error}") from None
-
-
-def load_probe_set(probe_set: str, world=None, on_bad_example: str = "error") -> tuple[list, int]:
-    """(examples, skipped count): the toy world's probe sets, or a JSONL manifest."""
-    if probe_set == "toy":
-        from unifyreg.toy.splits import build_splits
-
-        splits = build_splits(world)
-        examples = [e for name, split in splits.items() if name.startswith("probe/") for e in split]
-        return examples, 0
-    path = Path(probe_set)
-    if not path.is_file():
-        raise ConfigError(f"probe_set: expected 'toy' or a manifest file, {probe_set!r} not found")
-    manifest = read_manifest(path, on_bad_example=on_bad_example)
-    for line, reason in manifest.skipped:
-        print(f"skipped {path}:{line}: {reason}")
-    return manifest.examples, len(manifest.skipped)
+def load_probe_set(
+    probe_set: str, adapter: str, context: Any = None, on_bad_example: str = "error"
+) -> tuple[list, int]:
+    """``(examples, skipped)``: the probe set (an example source or a manifest; empty =
+    the adapter's default)."""
+    source = resolve_source(probe_set, adapter, "probe_set")
+    return load_examples(source, "probe_set", context, on_bad_example)
 
 
 def load_training_examples(
-    data: str, world=None, on_bad_example: str = "error"
+    data: str, adapter: str, context: Any = None, on_bad_example: str = "error"
 ) -> tuple[list, int]:
-    """(examples, skipped count): the toy world's ``finetune`` split, or a JSONL manifest."""
-    if data == "toy":
-        from unifyreg.toy.splits import build_splits
+    """``(examples, skipped)``: the training data (an example source or a manifest;
+    empty = the adapter's default)."""
+    source = resolve_source(data, adapter, "data")
+    return load_examples(source, "data", context, on_bad_example)
 
-        return list(build_splits(world)["finetune"]), 0
-    path = Path(data)
-    if not path.is_file():
-        raise ConfigError(f"data: expected 'toy' or a manifest file, {data!r} not found")
-    manifest = read_manifest(path, on_bad_example=on_bad_example)
-    for line, reason in manifest.skipped:
-        print(f"skipped {path}:{line}: {reason}")
-    return manifest.examples, len(manifest.skipped)
+
+def check_layers(adapter: Adapter, layers: Sequence[int], key: str) -> tuple[int, ...]:
+    """``adapter.resolve_layers(layers)`` with an out-of-range layer reported as a
+    ConfigError naming ``key`` (all layers when ``layers`` is empty)."""
+    try:
+        return adapter.resolve_layers(list(layers) or None)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def drop_examples_that_do_not_fit(
@@ -122,40 +125,3 @@ def drop_examples_that_do_not_fit(
     if not kept:
         raise ManifestError(f"{what}: no example fits the model ({skipped} skipped)")
     return kept, skipped
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint loaded with ``torch.load(weights_only=True)``: tensors and
-    plain containers only; a checkpoint that would run code when unpickled is refused
-    with a :class:`ConfigError` (nothing in it runs)."""
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = [line for line in str(error).splitlines() if "GLOBAL" in line]
-        detail = f" ({lines[0].strip()})" if lines else ""
-        raise ConfigError(
-            f"checkpoint {str(path)!r} holds more than tensors and plain data{detail}; "
-            "refused: checkpoints load with weights_only=True, so no code in them runs"
-        ) from None
-
-
-def fit(trainer: Any, module: Any, loader: Any, ckpt_path: str | None = None) -> None:
-    """``trainer.fit`` that restores ``ckpt_path`` with ``weights_only=True`` (Lightning
-    >= 2.6 takes the flag; older versions get the checkpoint checked first)."""
-    import pickle
-
-    if ckpt_path is None:
-        trainer.fit(module, loader)
-    elif "weights_only" in inspect.signature(trainer.fit).parameters:
-        try:
-            trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
-        except pickle.UnpicklingError:
-            load_checkpoint(ckpt_path)  # raises the same refusal with a plain message
-            raise
-    else:
-        load_checkpoint(ckpt_path)
-        trainer.fit(module, loader, ckpt_path=ckpt_path)

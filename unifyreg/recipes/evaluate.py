@@ -12,15 +12,15 @@ from pathlib import Path
 from unifyreg.adapters.toy import ToyAdapter
 from unifyreg.config import ConfigError, EvalConfig
 from unifyreg.fileio import atomic_write_json
-from unifyreg.recipes.pretrain_toy import build_toy_base
+from unifyreg.toy.base import build_toy_base, cache_path
 from unifyreg.toy.evaluation import accuracy_table, evaluate_examples
 from unifyreg.toy.splits import build_splits
 
 __all__ = ["run"]
 
 
-def run(cfg: EvalConfig) -> int:
-    """Command ``unifyreg eval``."""
+def run(cfg: EvalConfig, dry_run: bool = False) -> int:
+    """Command ``unifyreg eval`` (``dry_run``: check the splits and the model, answer nothing)."""
     splits = build_splits(cfg.pretrain.world)
     unknown = [name for name in cfg.splits if name not in splits]
     if unknown:
@@ -29,8 +29,13 @@ def run(cfg: EvalConfig) -> int:
         path = Path(cfg.model_path)
         if not path.is_dir():
             raise ConfigError(f"model_path: directory {str(path)!r} does not exist")
+    elif dry_run:
+        path = cache_path(cfg.pretrain)
     else:
         path = build_toy_base(cfg.pretrain)
+    if dry_run:
+        print(f"dry run: model {path}, splits {cfg.splits}; nothing evaluated")
+        return 0
     adapter = ToyAdapter.load(path)
     results = evaluate_examples(
         adapter, {name: splits[name] for name in cfg.splits}, cfg.batch_size

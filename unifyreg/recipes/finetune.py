@@ -2,50 +2,58 @@
 
 Steps, in order:
 
-1. seed; load the model through its adapter (``model.adapter``, ``model.path``; the toy
-   base is built first if needed);
-2. training examples (``data``: the toy world's ``finetune`` split or a JSONL manifest)
-   and the fixed probe set (``probe_set``);
+1. seed; training examples (``data``) and the fixed probe set (``probe_set``): example
+   sources or JSONL manifests, the adapter's defaults when empty;
+2. load the model through its adapter (``model.adapter``, ``model.path``; an empty path
+   takes the adapter's default model: the toy base, built first if needed); check the
+   probed and regularized layers against it;
 3. LoRA through peft (``lora.enabled``), targets from the adapter's defaults;
 4. ``UMMModule``: task loss plus, when ``loss.w_ctx`` or ``loss.w_div`` > 0, the
    contextual-prediction regularizer (:mod:`unifyreg.losses`); AdamW + warm-up/cosine;
 5. callbacks: ``EntropyProbe`` (epoch 0 baseline, then every ``every_n_epochs``),
-   ``LastCheckpoint`` (``last.ckpt`` after every epoch, atomically), a progress bar;
-   loggers: CSV and TensorBoard under ``run_dir``;
+   Lightning's ``ModelCheckpoint`` (``last.ckpt`` after every epoch, written atomically),
+   ``LearningRateMonitor``, a progress bar; loggers: CSV and TensorBoard under ``run_dir``;
 6. ``Trainer.fit`` (``resume=last`` continues from ``run_dir/checkpoints/last.ckpt``,
    loaded with ``weights_only=True``);
-7. save the LoRA adapter (``run_dir/lora``) and, for the toy, a merged model
-   (``run_dir/merged``, loadable by ``unifyreg eval model_path=...``).
+7. save the LoRA adapter (``run_dir/lora``) and, for adapters that ask for it (the toy),
+   a merged model (``run_dir/merged``, loadable by ``unifyreg eval model_path=...``).
+
+``--dry-run`` stops after step 5: every file, the model directory, the layers and the
+Trainer's settings are checked, nothing is trained.
 
 Run directory layout: ``config.yaml``, ``checkpoints/``, ``logs/version_N/metrics.csv``
-(one version per start or resume),
-``tensorboard/``, ``probe/`` (``probe_history.jsonl``, per-epoch results, figures),
-``lora/``, ``merged/``.
+(one version per start or resume), ``tensorboard/``, ``probe/`` (``probe_history.jsonl``,
+per-epoch results, figures), ``lora/``, ``merged/``.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from unifyreg.callbacks import EntropyProbe, LastCheckpoint
+from unifyreg.callbacks import EntropyProbe, last_checkpoint
 from unifyreg.config import ConfigError, FinetuneConfig, to_yaml
 from unifyreg.fileio import atomic_directory, atomic_write_text
 from unifyreg.losses import ContextualPredictionLoss
 from unifyreg.module import UMMModule, apply_lora, example_loader, trainable_parameter_count
 from unifyreg.recipes.common import (
+    check_layers,
     drop_examples_that_do_not_fit,
-    fit,
     load_adapter,
     load_probe_set,
     load_training_examples,
+    model_directory,
 )
-from unifyreg.recipes.pretrain_toy import progress_bar
+from unifyreg.sources import example_source, resolve_source
+from unifyreg.trainer import AtomicCheckpointIO, fit, progress_bar
 
-__all__ = ["build_trainer_parts", "resolve_resume", "run"]
+__all__ = ["TrainerParts", "build_trainer_parts", "resolve_resume", "run"]
 
 
 def resolve_resume(cfg: FinetuneConfig) -> str | None:
@@ -64,14 +72,44 @@ def resolve_resume(cfg: FinetuneConfig) -> str | None:
     return str(path)
 
 
-def build_trainer_parts(cfg: FinetuneConfig):
-    """(adapter, module, train loader, probe callback, trainer) for ``cfg``."""
+@dataclass
+class TrainerParts:
+    """Everything a fine-tune needs, built from its config."""
+
+    adapter: Any
+    module: UMMModule
+    loader: Any
+    probe: EntropyProbe
+    trainer: L.Trainer
+
+
+def _loggers(cfg: FinetuneConfig, run_dir: Path) -> list:
+    loggers = []
+    if "csv" in cfg.loggers:
+        # A new version per (re)start: Lightning's CSV writer deletes an existing
+        # metrics.csv of the same version, which would lose a resumed run's history.
+        loggers.append(CSVLogger(run_dir, name="logs"))
+    if "tensorboard" in cfg.loggers:
+        loggers.append(
+            TensorBoardLogger(run_dir, name="tensorboard", version=0, default_hp_metric=False)
+        )
+    return loggers
+
+
+def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
+    """Adapter, module, train loader, probe callback and Trainer for ``cfg``."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir)
-    world = cfg.pretrain.world
-    train_examples, skipped_train = load_training_examples(cfg.data, world, cfg.on_bad_example)
-    probe_examples, skipped_probe = load_probe_set(cfg.probe_set, world, cfg.on_bad_example)
+    adapter_name = cfg.model.adapter
+    train_examples, skipped_train = load_training_examples(
+        cfg.data, adapter_name, cfg.pretrain, cfg.on_bad_example
+    )
+    probe_examples, skipped_probe = load_probe_set(
+        cfg.probe_set, adapter_name, cfg.pretrain, cfg.on_bad_example
+    )
     adapter = load_adapter(cfg.model, cfg.pretrain)
+    check_layers(adapter, cfg.probe.layers, "probe.layers")
+    check_layers(adapter, cfg.loss.div_layers, "loss.div_layers")
     # Manifest examples the model cannot take (too long, say) stop the run here, naming
     # file:line, or are skipped and counted; the counts are logged (data/skipped_examples,
     # probe/skipped_examples).
@@ -86,8 +124,16 @@ def build_trainer_parts(cfg: FinetuneConfig):
     for key, count in (("data", skipped_train), ("probe_set", skipped_probe)):
         if count:
             print(f"{key}: {count} bad example(s) skipped (on_bad_example=skip)")
+    # Skip counts are logged for manifests only (a registered source has no bad lines).
+    from_manifest = {
+        key: example_source(resolve_source(value, adapter_name, key)) is None
+        for key, value in (("data", cfg.data), ("probe_set", cfg.probe_set))
+    }
     if cfg.lora.enabled:
-        apply_lora(adapter, cfg.lora)
+        try:
+            apply_lora(adapter, cfg.lora)
+        except ValueError as error:
+            raise ConfigError(f"lora.target_modules: {error}") from None
     loader = example_loader(adapter, train_examples, cfg.batch_size, shuffle=True, seed=cfg.seed)
     steps_per_epoch = max(1, len(loader))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.max_epochs * steps_per_epoch
@@ -100,7 +146,7 @@ def build_trainer_parts(cfg: FinetuneConfig):
         total_steps=total_steps,
         loss_terms=loss_terms,
         hidden_states_for_terms=cfg.loss.w_div > 0,
-        skipped_train_examples=skipped_train if cfg.data != "toy" else None,
+        skipped_train_examples=skipped_train if from_manifest["data"] else None,
     )
     probe = EntropyProbe(
         probe_examples,
@@ -109,17 +155,12 @@ def build_trainer_parts(cfg: FinetuneConfig):
         probe_at_start=cfg.probe_at_start,
         output_dir=run_dir / "probe",
         figures=cfg.probe_figures,
-        skipped_examples=skipped_probe if cfg.probe_set != "toy" else None,
+        skipped_examples=skipped_probe if from_manifest["probe_set"] else None,
     )
-    loggers = []
-    if "csv" in cfg.loggers:
-        # A new version per (re)start: Lightning's CSV writer deletes an existing
-        # metrics.csv of the same version, which would lose a resumed run's history.
-        loggers.append(CSVLogger(run_dir, name="logs"))
-    if "tensorboard" in cfg.loggers:
-        loggers.append(
-            TensorBoardLogger(run_dir, name="tensorboard", version=0, default_hp_metric=False)
-        )
+    loggers = _loggers(cfg, run_dir)
+    callbacks = [probe, last_checkpoint(run_dir / "checkpoints"), progress_bar()]
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
         max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps,
@@ -128,27 +169,27 @@ def build_trainer_parts(cfg: FinetuneConfig):
         strategy=cfg.strategy,
         precision=cfg.precision,
         logger=loggers or False,
-        # last.ckpt after every epoch, after the probe (so it holds that epoch's probe).
-        callbacks=[probe, LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"), progress_bar()],
-        enable_checkpointing=False,  # no other checkpoint files
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         gradient_clip_val=cfg.optim.grad_clip or None,
         log_every_n_steps=min(50, steps_per_epoch),
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
-    return adapter, module, loader, probe, trainer
+    return TrainerParts(adapter, module, loader, probe, trainer)
 
 
 def save_outputs(adapter, cfg: FinetuneConfig) -> dict[str, Path]:
-    """Save the LoRA weights (peft ``save_pretrained``, safetensors) and, for the toy, a
-    merged model; each directory is staged and renamed into place (atomic)."""
+    """Save the LoRA weights (peft ``save_pretrained``, safetensors) and, for adapters
+    that ask for it (``save_merged_after_finetune``), a merged model; each directory is
+    staged and renamed into place (atomic)."""
     run_dir = Path(cfg.run_dir)
     paths = {}
     if cfg.lora.enabled:
         with atomic_directory(run_dir / "lora") as staging:
             adapter.model.save_pretrained(staging, safe_serialization=True)
         paths["lora"] = run_dir / "lora"
-    if cfg.model.adapter == "toy":
+    if adapter.save_merged_after_finetune:
         merged = copy.copy(adapter)
         model = copy.deepcopy(adapter.model)
         merged.model = model.merge_and_unload() if cfg.lora.enabled else model
@@ -158,21 +199,31 @@ def save_outputs(adapter, cfg: FinetuneConfig) -> dict[str, Path]:
     return paths
 
 
-def run(cfg: FinetuneConfig) -> int:
-    """Command ``unifyreg finetune``."""
+def run(cfg: FinetuneConfig, dry_run: bool = False) -> int:
+    """Command ``unifyreg finetune`` (``dry_run``: build and check everything, train nothing)."""
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_resume(cfg)
-    adapter, module, loader, probe, trainer = build_trainer_parts(cfg)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if dry_run and not model_directory(cfg.model, cfg.pretrain, build=False).exists():
+        load_training_examples(cfg.data, cfg.model.adapter, cfg.pretrain, cfg.on_bad_example)
+        load_probe_set(cfg.probe_set, cfg.model.adapter, cfg.pretrain, cfg.on_bad_example)
+        where = model_directory(cfg.model, cfg.pretrain, build=False)
+        print(f"dry run: the default model would be built first ({where}); data checked")
+        return 0
+    parts = build_trainer_parts(cfg)
+    adapter = parts.adapter
     trainable, total = trainable_parameter_count(adapter.model)
-    print(
-        f"fine-tuning {cfg.model.adapter}: {len(loader.dataset)} examples, "
+    summary = (
+        f"fine-tuning {cfg.model.adapter}: {len(parts.loader.dataset)} examples, "
         f"{trainable:,} of {total:,} parameters trainable -> {run_dir}"
-        + (f" (resuming from {ckpt_path})" if ckpt_path else "")
     )
-    fit(trainer, module, loader, ckpt_path)  # a checkpoint loads with weights_only=True
+    if dry_run:
+        print(f"dry run: {summary}; {len(parts.probe.examples)} probe examples; nothing trained")
+        return 0
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    print(summary + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
+    fit(parts.trainer, parts.module, parts.loader, ckpt_path)  # weights_only=True
     paths = save_outputs(adapter, cfg)
-    for entry in probe.history:
+    for entry in parts.probe.history:
         scores = {
             k.split("/", 1)[1]: round(v, 4)
             for k, v in entry["metrics"].items()

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unifyreg.images import PALETTE_RGB as IMAGE_PALETTE_RGB
+from unifyreg.images import render_index_image
+
 PALETTE: tuple[str, ...] = (
     "black",
     "red",
@@ -26,16 +29,7 @@ PALETTE: tuple[str, ...] = (
 )
 """Colour names; a grid cell holds an index into this tuple. Index 0 is the background."""
 
-PALETTE_RGB: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0),
-    (220, 40, 40),
-    (40, 170, 70),
-    (40, 90, 220),
-    (240, 220, 40),
-    (255, 255, 255),
-    (245, 140, 30),
-    (140, 60, 180),
-)
+PALETTE_RGB = IMAGE_PALETTE_RGB
 """RGB triple of each :data:`PALETTE` colour, same order."""
 
 BACKGROUND = 0
@@ -91,19 +85,9 @@ def format_grid(grid: Grid) -> str:
     return "\n".join(" ".join(letters[int(v)] for v in row) for row in as_grid(grid))
 
 
-def _check_cell_px(cell_px: int) -> int:
-    if isinstance(cell_px, bool) or not isinstance(cell_px, (int, np.integer)) or cell_px < 1:
-        raise ValueError(f"cell_px must be a positive int, got {cell_px!r}")
-    return int(cell_px)
-
-
 def render_grid(grid: Grid, cell_px: int = 8) -> np.ndarray:
     """Render ``grid`` to a uint8 RGB array ``[G * cell_px, G * cell_px, 3]``."""
-    cells = as_grid(grid)
-    px = _check_cell_px(cell_px)
-    palette = np.asarray(PALETTE_RGB, dtype=np.uint8)
-    rgb = palette[cells]
-    return np.repeat(np.repeat(rgb, px, axis=0), px, axis=1)
+    return render_index_image(as_grid(grid), cell_px, PALETTE_RGB)
 
 
 def save_grid_png(grid: Grid, path: str | Path, cell_px: int = 8) -> Path:

@@ -1,0 +1,314 @@
+"""The probe's four quantities, defined once, and their values on one batch.
+
+Each :class:`Quantity` says which tokens it measures, which samples take part and how it
+is normalised; the probe (:mod:`unifyreg.probing`), the metrics, the divergence loss
+(:mod:`unifyreg.losses`) and the report read this table and nothing else:
+
+| name | level | tokens | samples | value | normaliser |
+| --- | --- | --- | --- | --- | --- |
+| ``encoding/text`` | prompt | text-prompt tokens | without an image prompt | ``H(P)`` | ``log2 |P|`` |
+| ``encoding/image`` | prompt | image-prompt tokens | with an image prompt | ``H(P)`` | ``log2 |P|`` |
+| ``response/text`` | response | text-response tokens R given all prompt tokens P | with both | ``H(R|P)`` proxy | ``log2 (|P| + |R|)`` |
+| ``response/image`` | response | image-response tokens R given all prompt tokens P | with both | ``H(R|P)`` proxy | ``log2 (|P| + |R|)`` |
+
+``H`` is :func:`unifyreg.estimators.matrix_entropy`, the proxy
+:func:`unifyreg.estimators.conditional_entropy_proxy`, both at the same layer. The two
+quantities of a level form a text/image pair (:data:`PAIRS`), which unifyreg's scores and
+the divergence loss compare.
+"""  # noqa: E501
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from unifyreg.estimators import (
+    SLQSettings,
+    TokenBatch,
+    conditional_entropy_proxy,
+    matrix_entropy,
+    normalize_by_count,
+    subsample_tokens,
+)
+from unifyreg.roles import Role, role_counts, role_mask
+
+__all__ = [
+    "AUTO_CHUNK_FLOOR_BYTES",
+    "PAIRS",
+    "QUANTITIES",
+    "QUANTITY_TABLE",
+    "BatchQuantity",
+    "Quantity",
+    "auto_layers_per_chunk",
+    "batch_quantities",
+]
+
+PROMPT_ROLES = (Role.TEXT_PROMPT, Role.IMAGE_PROMPT)
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One probe quantity: ``name`` (``"<level>/<modality>"``), the ``roles`` of the tokens
+    it measures (the response R of a proxy), the ``given`` roles of a proxy's prompt P
+    (empty for an entropy), which samples take part (every role set in ``requires`` has a
+    token in the sample, no role of ``excludes`` has), and a one-line description."""
+
+    name: str
+    roles: tuple[Role, ...]
+    given: tuple[Role, ...] = ()
+    requires: tuple[tuple[Role, ...], ...] = ()
+    excludes: tuple[Role, ...] = ()
+    description: str = ""
+
+    @property
+    def level(self) -> str:
+        """``encoding`` (prompt entropy) or ``response`` (conditional-entropy proxy)."""
+        return self.name.split("/")[0]
+
+    @property
+    def modality(self) -> str:
+        """``text`` or ``image``."""
+        return self.name.split("/")[1]
+
+    @property
+    def is_proxy(self) -> bool:
+        """True for ``H(R | P)`` (normalised by ``log2 (|P| + |R|)``), False for ``H(P)``
+        (normalised by ``log2 |P|``)."""
+        return bool(self.given)
+
+    def samples(self, roles: Tensor) -> Tensor:
+        """``[B]`` bool: which samples of a batch (``roles`` ``[B, S]``) take part."""
+        take = torch.ones(roles.shape[0], dtype=torch.bool, device=roles.device)
+        for role_set in self.requires:
+            take &= role_counts(roles, role_set) > 0
+        if self.excludes:
+            take &= role_counts(roles, self.excludes) == 0
+        return take
+
+
+#: The table of the four quantities (module docstring).
+QUANTITY_TABLE: tuple[Quantity, ...] = (
+    Quantity(
+        "encoding/text",
+        roles=(Role.TEXT_PROMPT,),
+        requires=((Role.TEXT_PROMPT,),),
+        excludes=(Role.IMAGE_PROMPT,),
+        description="entropy of the text-prompt tokens of samples without an image prompt",
+    ),
+    Quantity(
+        "encoding/image",
+        roles=(Role.IMAGE_PROMPT,),
+        requires=((Role.IMAGE_PROMPT,),),
+        description="entropy of the image-prompt tokens",
+    ),
+    Quantity(
+        "response/text",
+        roles=(Role.TEXT_RESPONSE,),
+        given=PROMPT_ROLES,
+        requires=((Role.TEXT_RESPONSE,), PROMPT_ROLES),
+        description="proxy H(R|P) of the text-response tokens given all prompt tokens",
+    ),
+    Quantity(
+        "response/image",
+        roles=(Role.IMAGE_RESPONSE,),
+        given=PROMPT_ROLES,
+        requires=((Role.IMAGE_RESPONSE,), PROMPT_ROLES),
+        description="proxy H(R|P) of the image-response tokens given all prompt tokens",
+    ),
+)
+
+#: The quantity names, in table order.
+QUANTITIES: tuple[str, ...] = tuple(q.name for q in QUANTITY_TABLE)
+_BY_NAME = {q.name: q for q in QUANTITY_TABLE}
+
+#: ``level -> (text quantity, image quantity)``: the pairs the scores and ``L_div`` compare.
+PAIRS: dict[str, tuple[str, str]] = {
+    level: tuple(
+        q.name for modality in ("text", "image") for q in QUANTITY_TABLE
+        if q.level == level and q.modality == modality
+    )
+    for level in dict.fromkeys(q.level for q in QUANTITY_TABLE)
+}  # fmt: skip
+
+
+def quantity(name: str) -> Quantity:
+    """The :class:`Quantity` called ``name``; ValueError lists the valid names."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown quantity {name!r}; valid: {', '.join(QUANTITIES)}") from None
+
+
+@dataclass
+class BatchQuantity:
+    """One quantity on one batch: ``values`` ``[n_layers, b]`` (raw), ``normalized``,
+    ``counts`` ``[b]`` (tokens the normaliser uses) and ``select`` ``[B]`` (which samples)."""
+
+    values: Tensor
+    normalized: Tensor
+    counts: Tensor
+    select: Tensor
+
+
+@dataclass
+class _Positions:
+    """Where one role segment of the selected samples lies: ``rows`` ``[b]``, ``index``
+    ``[b, k]`` (per row the segment's kept positions in order, then arbitrary padding),
+    ``mask`` ``[b, k]`` (True = kept token), ``counts`` ``[b]``."""
+
+    rows: Tensor
+    index: Tensor
+    mask: Tensor
+    counts: Tensor
+
+
+def _positions(roles: Tensor, rows: Tensor, role_set, max_tokens: int) -> _Positions:
+    """The positions of ``role_set`` in each of ``rows`` (in order), optionally
+    subsampled to at most ``max_tokens`` per row."""
+    is_role = role_mask(roles[rows], role_set)
+    counts = is_role.sum(dim=1)
+    k = int(counts.max())
+    index = torch.argsort((~is_role).to(torch.int8), dim=1, stable=True)[:, :k]
+    if max_tokens and k > max_tokens:
+        kept = []
+        for positions, count in zip(index, counts.tolist(), strict=True):
+            if count > max_tokens:
+                # Seeded by the segment's length: the same subset whatever the batch, the
+                # rank or the layer (every layer of a sample sees the same tokens).
+                sub, _ = subsample_tokens(
+                    positions[:count, None].to(torch.float64), None, max_tokens, generator=count
+                )
+                positions = sub[:, 0].to(index.dtype)
+            kept.append(positions[:max_tokens])
+        index, counts, k = torch.stack(kept), counts.clamp_max(max_tokens), max_tokens
+    mask = torch.arange(k, device=roles.device)[None, :] < counts[:, None]
+    return _Positions(rows, index, mask, counts)
+
+
+def _plan(
+    roles: Tensor, names: Sequence[str], max_tokens: int
+) -> dict[str, tuple[Quantity, Tensor, tuple[_Positions, ...]]]:
+    """``name -> (quantity, select [B], positions)`` for the wanted quantities with at
+    least one sample: one segment for an entropy, (prompt, response) for a proxy."""
+    plan = {}
+    for name in names:
+        spec = quantity(name)
+        select = spec.samples(roles)
+        if not bool(select.any()):
+            continue
+        rows = torch.nonzero(select).flatten()
+        parts = (spec.given, spec.roles) if spec.is_proxy else (spec.roles,)
+        plan[name] = (spec, select, tuple(_positions(roles, rows, p, max_tokens) for p in parts))
+    return plan
+
+
+#: Extra memory the probe may always use per chunk of layers, however small the batch.
+AUTO_CHUNK_FLOOR_BYTES = 64 * 2**20
+
+
+def auto_layers_per_chunk(layer: Tensor, dtype: torch.dtype = torch.float64) -> int:
+    """Layers per chunk for ``layers_per_chunk = 0``: as many as keep one chunk's
+    gathered segments (at most every token, in ``dtype``, plus the estimators' centred
+    copy: ``2 * B * S * d * itemsize``) within ``max(bytes of one layer,
+    AUTO_CHUNK_FLOOR_BYTES)``; at least 1. Large batches get 1 layer at a time (extra
+    memory within the forward pass's), small ones all layers at once (fewer, larger
+    estimator calls: faster)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_layer = 2 * layer.numel() * itemsize
+    budget = max(layer.numel() * layer.element_size(), AUTO_CHUNK_FLOOR_BYTES)
+    return max(1, budget // max(per_layer, 1))
+
+
+def _as_layers(hidden_states: Tensor | Sequence[Tensor], roles: Tensor) -> list[Tensor]:
+    """Per-layer ``[B, S, d]`` tensors from a stacked ``[n, B, S, d]`` tensor (views) or a
+    sequence of per-layer tensors."""
+    if isinstance(hidden_states, Tensor):
+        if hidden_states.dim() != 4:
+            raise ValueError(
+                f"hidden_states must be [n_layers, B, S, d], got {tuple(hidden_states.shape)}"
+            )
+        layers = list(hidden_states.unbind(0))
+    else:
+        layers = list(hidden_states)
+    if not layers:
+        raise ValueError("hidden_states holds no layer")
+    for h in layers:
+        if h.dim() != 3 or tuple(h.shape[:2]) != tuple(roles.shape):
+            raise ValueError(
+                f"each layer's hidden states must be [B, S, d] matching roles [B, S] "
+                f"{tuple(roles.shape)}, got {tuple(h.shape)}"
+            )
+    return layers
+
+
+def batch_quantities(
+    hidden_states: Tensor | Sequence[Tensor],
+    roles: Tensor,
+    alpha: float = 1.01,
+    sigma: float | str = "median",
+    base: float = 2.0,
+    dtype: torch.dtype | None = None,
+    layers_per_chunk: int = 8,
+    quantities: Sequence[str] = QUANTITIES,
+    *,
+    method: str = "exact",
+    max_gram_bytes: int | None = None,
+    slq: SLQSettings | None = None,
+    max_tokens: int = 0,
+) -> dict[str, BatchQuantity]:
+    """The quantities on one batch, from its role-labelled hidden states.
+
+    ``hidden_states``: ``[n_layers, B, S, d]`` or a sequence of ``n_layers`` tensors
+    ``[B, S, d]`` (e.g. :attr:`ForwardOutput.hidden_layers`, without a stacked copy);
+    ``roles`` ``[B, S]``. Returns only the quantities that have at least one sample in the
+    batch. Non-finite inputs give NaN for exactly the affected samples. Used by the probe
+    (without gradient) and by the divergence loss (with gradient).
+
+    Layers are processed ``layers_per_chunk`` at a time (0: :func:`auto_layers_per_chunk`);
+    each chunk's segments are handed to the estimators as :class:`~unifyreg.estimators.Segments`
+    of one :class:`~unifyreg.estimators.TokenBatch`, which pick their implementation
+    (``method``, ``max_gram_bytes``, ``slq`` settings; see :mod:`unifyreg.estimators`).
+    ``max_tokens`` > 0 keeps at most that many tokens of each role segment (prompt and
+    response separately), a uniform subset seeded by the segment's length (the same for
+    every layer and whatever the batch), and normalises by the kept count.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer >= 0 (0 = no limit), got {max_tokens!r}")
+    if layers_per_chunk < 0:
+        raise ValueError(f"layers_per_chunk must be >= 0 (0 = auto), got {layers_per_chunk}")
+    layers = _as_layers(hidden_states, roles)
+    if layers_per_chunk == 0:
+        layers_per_chunk = auto_layers_per_chunk(layers[0], dtype or torch.float64)
+    estimator = dict(
+        alpha=alpha,
+        sigma=sigma,
+        base=base,
+        method=method,
+        dtype=dtype,
+        nan_policy="propagate",
+        max_gram_bytes=max_gram_bytes,
+        settings=slq,
+    )
+    plan = _plan(roles, quantities, max_tokens)
+    pieces: dict[str, list[Tensor]] = {name: [] for name in plan}
+    valid = roles != int(Role.PAD)
+    for start in range(0, len(layers), layers_per_chunk):
+        tokens = TokenBatch(layers[start : start + layers_per_chunk], valid)
+        for name, (spec, _, positions) in plan.items():
+            segments = [tokens.segments(p.rows, p.index, p.mask) for p in positions]
+            if spec.is_proxy:
+                values = conditional_entropy_proxy(*segments, **estimator)
+            else:
+                values = matrix_entropy(segments[0], **estimator)
+            pieces[name].append(values)
+        del tokens
+    out: dict[str, BatchQuantity] = {}
+    for name, (_, select, positions) in plan.items():
+        values = torch.cat(pieces[name])
+        counts = sum(p.counts for p in positions)
+        normalized = normalize_by_count(values, counts.to(values.dtype)[None, :], base)
+        out[name] = BatchQuantity(values, normalized, counts, select)
+    return out

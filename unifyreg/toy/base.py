@@ -1,0 +1,174 @@
+"""The toy base: its cache identity, and building (or reusing) it.
+
+A base is identified by everything that changes its trained weights
+(:func:`cache_key`): the world's settings and a fingerprint of its content, the model
+size, the toy adapter's sequence layout version, ``optim``, ``max_steps``, ``batch_size``
+and ``seed``. It lives in ``cache_dir/toy-base-<key>`` (:func:`cache_path`).
+
+:func:`build_toy_base` trains it from scratch on the world's ``pretrain`` split
+(Lightning, progress bar, CSV log, a ``last.ckpt`` every ``checkpoint_every_n_steps``),
+saves it with ``save_pretrained`` + tokenizer, evaluates it exactly and renames it into
+the cache. Training happens in ``<cache>.partial/``; only a finished model is renamed to
+the cache path, so an interrupted build never leaves a half-written base, and building
+again resumes from the partial run's ``last.ckpt``. Concurrent builders (DDP ranks,
+parallel runs) wait on a lock file for one build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from unifyreg.adapters.toy import ADAPTER_FILE, ToyAdapter
+from unifyreg.config import PretrainToyConfig, config_hash, to_yaml
+from unifyreg.fileio import atomic_write_json, atomic_write_text
+from unifyreg.module import UMMModule, example_loader
+from unifyreg.toy.evaluation import accuracy_table, evaluate_examples
+from unifyreg.toy.model import LAYOUT_VERSION
+from unifyreg.toy.splits import WorldConfig, build_splits
+from unifyreg.toy.tokenizer import WordTokenizer
+from unifyreg.trainer import fit, progress_bar
+
+__all__ = ["EVAL_FILE", "build_toy_base", "cache_key", "cache_path", "default_model_path"]
+
+EVAL_FILE = "eval.json"
+
+
+def world_fingerprint(world: WorldConfig) -> str:
+    """Hash of the world's vocabulary and the first examples of every split."""
+    splits = build_splits(world)
+    sample = {name: [e.to_dict() for e in split[:20]] for name, split in splits.items()}
+    return config_hash({"words": list(WordTokenizer.for_world(world).words), "sample": sample})
+
+
+def cache_key(cfg: PretrainToyConfig) -> str:
+    """Hash of everything that changes the trained weights (module docstring), including
+    a fingerprint of the world's content (so a changed generator or vocabulary retrains)."""
+    return config_hash(
+        {
+            "world": dataclasses.asdict(cfg.world),
+            "world_content": world_fingerprint(cfg.world),
+            "model": dataclasses.asdict(cfg.model),
+            "layout_version": LAYOUT_VERSION,
+            "optim": dataclasses.asdict(cfg.optim),
+            "max_steps": cfg.max_steps,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+        }
+    )
+
+
+def cache_path(cfg: PretrainToyConfig) -> Path:
+    """Where the trained base lives: ``cache_dir/toy-base-<key>``."""
+    return Path(cfg.cache_dir) / f"toy-base-{cache_key(cfg)}"
+
+
+def default_model_path(pretrain: PretrainToyConfig | None = None, build: bool = True) -> Path:
+    """The toy adapter's default model (``model.path`` empty): the base of ``pretrain``
+    (defaults if None), built first if it is not cached (``build=False``: its path only,
+    which may not exist yet)."""
+    pretrain = pretrain or PretrainToyConfig()
+    return build_toy_base(pretrain) if build else cache_path(pretrain)
+
+
+@contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock file, so concurrent builders (DDP ranks, parallel runs) wait for
+    one build instead of racing on the same partial directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): no cross-process lock
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_toy_base(cfg: PretrainToyConfig, log=print) -> Path:
+    """Train (or reuse) the toy base for ``cfg``; returns its cache directory."""
+    final = cache_path(cfg)
+    if (final / ADAPTER_FILE).is_file() and not cfg.force:
+        log(f"reusing cached toy base {final}")
+        return final
+    with _build_lock(final.with_name(final.name + ".lock")):
+        if (final / ADAPTER_FILE).is_file() and not cfg.force:
+            log(f"reusing toy base {final}, built meanwhile by another process")
+            return final
+        return _train_toy_base(cfg, final, log)
+
+
+def _train_toy_base(cfg: PretrainToyConfig, final: Path, log) -> Path:
+    partial = final.with_name(final.name + ".partial")
+    if cfg.force and partial.exists():
+        shutil.rmtree(partial)
+    checkpoints = partial / "checkpoints"
+    resume = checkpoints / "last.ckpt"
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = build_splits(cfg.world)
+    tokenizer = WordTokenizer.for_world(cfg.world)
+    adapter = ToyAdapter.create(tokenizer, cfg.world.grid_size, cfg.model, seed=cfg.seed)
+    module = UMMModule(adapter, cfg.optim, total_steps=cfg.max_steps)
+    loader = example_loader(
+        adapter, splits["pretrain"], cfg.batch_size, shuffle=True, seed=cfg.seed
+    )
+    trainer = L.Trainer(
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=1,
+        logger=CSVLogger(partial, name="logs", version=0),
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=cfg.checkpoint_every_n_steps,
+            ),
+            progress_bar(),
+        ],
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        log_every_n_steps=50,
+        enable_model_summary=False,
+        default_root_dir=partial,
+    )
+    log(
+        f"pretraining the toy base: {len(splits['pretrain'])} examples, {cfg.max_steps} steps, "
+        f"batch {cfg.batch_size} -> {final}"
+        + (f" (resuming from {resume})" if resume.is_file() else "")
+    )
+    start = time.perf_counter()
+    fit(trainer, module, loader, str(resume) if resume.is_file() else None)
+    train_seconds = time.perf_counter() - start
+
+    staged = partial / "model"
+    adapter.save(staged)
+    atomic_write_text(staged / "pretrain.yaml", to_yaml(cfg))
+    summary: dict = {"train_seconds": train_seconds, "max_steps": cfg.max_steps}
+    if cfg.evaluate:
+        results = evaluate_examples(
+            adapter, {"eval": splits["eval"], "heldout": splits["heldout"]}, cfg.eval_batch_size
+        )
+        summary.update(results)
+        log(accuracy_table(results))
+    atomic_write_json(staged / EVAL_FILE, summary)
+    logs = partial / "logs"
+    if logs.is_dir():
+        shutil.move(str(logs), str(staged / "logs"))
+    if final.exists():  # force=true over an existing base
+        shutil.rmtree(final)
+    staged.rename(final)
+    shutil.rmtree(partial, ignore_errors=True)
+    log(f"toy base saved to {final} (trained in {train_seconds:.0f} s)")
+    return final
