@@ -22,8 +22,10 @@ intra-op threads; default 1, see scripts/bench_estimators_approx.py for why) on
   batch as the probe runs them, to separate the model's memory from the probe's.
 
 Time is split into the model's forward passes (timed around ``adapter.forward``) and
-everything else (role gathering and estimators). Peak memory is ``ru_maxrss`` after the
-probe minus the resident size just before it (model and probe set already built), i.e.
+everything else (role gathering and estimators). Peak memory is the peak resident size
+during the probe (``VmHWM``, reset just before it: ``ru_maxrss`` would also count the
+model's construction, whose own peak hid the probe's in earlier tables) minus the
+resident size just before it (model and probe set already built), i.e.
 the probe's extra memory, compared with one batch's hidden states ``[L + 1, B, S, d]``
 float32. The exact worker also reports the effect of layer subsampling on the scores and
 of token subsampling on the text-prompt entropies of the model's hidden states.
@@ -53,6 +55,26 @@ GiB = 2**30
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_resident() -> bool:
+    """Reset the process's peak resident size (Linux >= 4.0: ``5`` to ``clear_refs``), so
+    the peak read afterwards is the probe's, not the model construction's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_resident_bytes() -> int:
+    """``VmHWM``: the peak resident size since the last reset (or since start)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_examples(count: int, prompt_words: int, words: tuple[str, ...], grid: int, seed: int):
@@ -91,8 +113,13 @@ def build_examples(count: int, prompt_words: int, words: tuple[str, ...], grid: 
 
 
 def build_adapter(spec: dict):
-    from unifyreg.adapters.toy import ToyAdapter, ToyModelConfig
+    from unifyreg.adapters.toy import ToyAdapter
     from unifyreg.toy import WordTokenizer, WorldConfig
+
+    try:
+        from unifyreg.toy.model import ToyModelConfig
+    except ImportError:  # code before the seam change (run for before/after figures)
+        from unifyreg.adapters.toy import ToyModelConfig
 
     tokenizer = WordTokenizer.for_world(WorldConfig(grid_size=spec["grid"]))
     config = ToyModelConfig(
@@ -117,7 +144,8 @@ PATHS = {
 
 def layer_subsampling(result, steps: list[int]) -> list[dict]:
     """Scores on every k-th probed layer (and the last) vs all layers."""
-    from unifyreg.probing import QUANTITIES, ProbeResult, QuantityRecords
+    from unifyreg.probing import ProbeResult, QuantityRecords
+    from unifyreg.quantities import QUANTITIES
 
     full = result.scores()
     rows = []
@@ -199,8 +227,10 @@ def worker(spec: dict) -> dict:
     chunking = (
         {} if spec["layers_per_chunk"] is None else {"layers_per_chunk": spec["layers_per_chunk"]}
     )
-    cfg = ProbeConfig(batch_size=spec["batch_size"], **chunking, **PATHS[spec["method"]])
+    layers = {} if spec.get("probe_layers") is None else {"layers": spec["probe_layers"]}
+    cfg = ProbeConfig(batch_size=spec["batch_size"], **chunking, **layers, **PATHS[spec["method"]])
     before = resident_bytes()
+    reset_peak_resident()
     start = time.perf_counter()
     if spec["method"] == "forward":  # the model's forward passes alone, as the probe runs them
         adapter.model.eval()
@@ -212,7 +242,7 @@ def worker(spec: dict) -> dict:
     else:
         result = run_probe(adapter, examples, cfg)
     total = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = peak_resident_bytes() - before
     adapter.forward = original_forward
     hidden_bytes = max(math.prod(s) * 4 for s in shapes)
     out = dict(
@@ -226,7 +256,7 @@ def worker(spec: dict) -> dict:
         result=None if result is None else result.to_dict(),
         scores={} if result is None else result.scores(),
     )
-    if spec["method"] == "exact":
+    if spec["method"] == "exact" and spec.get("probe_layers") is None:
         out["layer_subsampling"] = layer_subsampling(result, [2, 4, 8])
         out["token_subsampling"] = token_subsampling(
             adapter, examples, spec["batch_size"], [300, 150]
@@ -291,6 +321,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--layers-per-chunk", type=int, default=None, help="default: ProbeConfig's")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--probe-layers",
+        default="",
+        help="probe only these layers, e.g. 0,6,12,18,24 (default: all)",
+    )
     parser.add_argument("--methods", default="exact,chunked,slq")
     parser.add_argument(
         "--epoch-examples", type=int, nargs="+", default=[1000, 10000], help="epoch sizes"
@@ -312,6 +347,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         layers_per_chunk=args.layers_per_chunk,
         threads=args.threads,
+        probe_layers=[int(x) for x in args.probe_layers.split(",")] if args.probe_layers else None,
     )
     print(f"Machine: {machine_description(args.threads)}")
     print(f"Command: python {' '.join(sys.argv)}")
@@ -370,7 +406,7 @@ def main(argv=None) -> int:
         if row["scores"]:
             scores = ", ".join(f"{k}={v:.4f}" for k, v in row["scores"].items())
             print(f"  {row['method']}: {scores}")
-    if "exact" in results:
+    if "exact" in results and "layer_subsampling" in results["exact"]:
         print("\n| probed layers | " + " | ".join(results["exact"]["scores"]) + " |")
         print("|---" * (1 + len(results["exact"]["scores"])) + "|")
         full = results["exact"]["scores"]

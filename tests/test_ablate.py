@@ -40,6 +40,33 @@ def test_aggregate_pairs_differences_by_seed_and_flags_clear_changes():
     assert "held-out transfer accuracy: no clear change" in report
 
 
+def test_the_response_split_verdict_pairs_distances_from_zero_per_seed():
+    """A split that moves from -0.081 to +0.120 moved *away* from 0: |arm| - |baseline|
+    per seed, not the signed difference negated when the baseline is negative."""
+
+    def run(arm, seed, split):
+        record = _record(arm, seed, 0.3, 0.1)
+        record["scores"]["response_split"] = split
+        return record
+
+    records = [
+        run("baseline", 0, -0.081),
+        run("baseline", 1, -0.079),
+        run("div", 0, 0.120),
+        run("div", 1, 0.118),
+        run("ctx", 0, -0.020),
+        run("ctx", 1, -0.021),
+    ]
+    by_arm = aggregate(records, ["baseline", "div", "ctx"])
+    distance = by_arm["div"]["vs_baseline"]["score/response_split_distance"]
+    assert distance["mean"] == pytest.approx(0.039) and distance["clear"]
+    report = render_report(by_arm, AblateConfig(seeds=[0, 1]))
+    div, ctx = report.split("- **div**:")[1].split("- **ctx**:")
+    assert "|response split| (distance from 0): clearly higher (+0.0390" in div
+    assert "the wrong way" in div.split("\n")[2]
+    assert "|response split| (distance from 0): clearly lower (-0.0595" in ctx
+
+
 def test_one_seed_gives_no_verdict():
     records = [_record("baseline", 0, 0.3, 0.1), _record("ctx", 0, 0.2, 0.1)]
     report = render_report(aggregate(records, ["baseline", "ctx"]), AblateConfig(seeds=[0]))

@@ -173,3 +173,16 @@ def test_a_few_training_steps_reduce_the_task_loss(tiny_adapter, tiny_splits):
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 0.7 * first
+
+
+def test_generation_uses_the_current_cache_argument_and_warns_nothing(tiny_adapter, tiny_splits):
+    """Every toy evaluation printed transformers' FutureWarning that ``past_key_values``
+    is removed in 5.40: the decoding loop must pass the cache under its current name."""
+    import warnings
+
+    examples = tiny_splits["eval"][:4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        answers = tiny_adapter.generate_text(examples)
+        grids = tiny_adapter.generate_images(examples[:2])
+    assert len(answers) == 4 and all(g.shape == (4, 4) for g in grids)

@@ -50,8 +50,12 @@ def test_finetune_logs_unification_metrics_every_epoch(tmp_path, tiny_base_overr
         "probe/encoding/text/layer_00",
         "probe_norm/response/image/layer_02",
         "loss/task",
+        "lr/decay",  # Lightning's LearningRateMonitor (LoRA A/B matrices: one group)
     ):
         assert name in scalars, name
+    rates = [e.value for e in events.Scalars("lr/decay")]
+    # 18 steps inside the 20-step warm-up: rising, below the configured 1e-3
+    assert len(rates) >= 2 and rates == sorted(set(rates)) and rates[-1] < 1e-3
     assert [e.step for e in events.Scalars("unify/encoding_gap")] == [0, 6, 12, 18]
     # What each probe cost; its share of the epoch it follows (none before training).
     assert [e.step for e in events.Scalars("probe/seconds")] == [0, 6, 12, 18]
@@ -256,107 +260,3 @@ def test_real_family_lora_configs_run_one_short_epoch(family, config, tmp_path, 
     assert (run_dir / "lora" / "adapter_config.json").is_file()
     header = next((run_dir / "logs").glob("version_*/metrics.csv")).read_text().splitlines()[0]
     assert "loss/ctx" in header and "loss/div" in header and "unify/encoding_gap" in header
-
-
-def test_merged_lora_inference_folds_exactly_and_restores_the_model(tiny_adapter, tiny_splits):
-    from unifyreg.config import LoraSettings
-    from unifyreg.module import apply_lora, merged_lora_inference
-
-    adapter = apply_lora(tiny_adapter, LoraSettings(r=4, alpha=8))
-    with torch.no_grad():  # a non-zero update, so folding has something to fold
-        for name, param in adapter.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
-    before = {n: p.detach().clone() for n, p in adapter.model.state_dict().items()}
-    batch = adapter.encode(tiny_splits["eval"][:6])
-    adapter.model.eval()
-    with torch.no_grad():
-        plain = adapter.forward(batch, keep_logits=True)
-        with merged_lora_inference(adapter.model) as folded_layers:
-            folded = adapter.forward(batch, keep_logits=True)
-            # The folded weights are reused by later calls, but rebuilt when a weight
-            # they came from changes in place (here: a LoRA update zeroed and restored).
-            lora_b = [p for n, p in adapter.model.named_parameters() if "lora_B" in n]
-            saved = [p.clone() for p in lora_b]
-            for p in lora_b:
-                p.zero_()
-            unfolded = adapter.forward(batch, keep_logits=True)
-            for p, value in zip(lora_b, saved, strict=True):
-                p.copy_(value)
-            folded_again = adapter.forward(batch, keep_logits=True)
-        again = adapter.forward(batch, keep_logits=True)
-        with adapter.model.disable_adapter():
-            base = adapter.forward(batch, keep_logits=True)
-    torch.testing.assert_close(unfolded.logits, base.logits, rtol=1e-5, atol=1e-5)
-    assert torch.equal(folded_again.logits, folded.logits)
-    assert folded_layers == 7 * adapter.num_layers  # every targeted projection
-    torch.testing.assert_close(folded.logits, plain.logits, rtol=1e-5, atol=1e-5)
-    for a, b in zip(folded.hidden_layers, plain.hidden_layers, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert torch.equal(again.logits, plain.logits)  # the LoRA branch is back
-    after = adapter.model.state_dict()
-    assert all(torch.equal(before[n], after[n]) for n in before)  # nothing stored changed
-    # The LoRA update matters: without it the logits differ by far more than round-off.
-    assert (base.logits - plain.logits).abs().max() > 1e-3
-
-
-def test_merged_lora_inference_reuses_folded_weights_within_its_budget(
-    tiny_adapter, tiny_splits, monkeypatch
-):
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    from unifyreg.config import LoraSettings
-    from unifyreg.module import apply_lora, merged_lora_inference
-
-    adapter = apply_lora(tiny_adapter, LoraSettings(r=4, alpha=8))
-    adapter.model.eval()
-    lora_layers = [m for m in adapter.model.modules() if isinstance(m, LoraLinear)]
-
-    def set_lora_b(fill):  # new tensors (version 0), not an in-place change
-        for layer in lora_layers:
-            old = layer.lora_B["default"].weight
-            layer.lora_B["default"].weight = torch.nn.Parameter(fill(old))
-
-    set_lora_b(lambda w: torch.randn_like(w) * 0.05)
-    builds = []
-    original = LoraLinear.get_delta_weight
-    monkeypatch.setattr(
-        LoraLinear, "get_delta_weight", lambda self, name: builds.append(1) or original(self, name)
-    )
-    batch = adapter.encode(tiny_splits["eval"][:4])
-    n = len(lora_layers)
-    for cache_bytes, expected in ((2**30, n), (0, 3 * n)):
-        builds.clear()
-        with torch.no_grad(), merged_lora_inference(adapter.model, cache_bytes):
-            for _ in range(3):
-                adapter.forward(batch)
-        assert len(builds) == expected, cache_bytes
-    builds.clear()
-    with merged_lora_inference(adapter.model):
-        for _ in range(2):
-            adapter.forward(batch)  # with gradient: built per call, never kept
-    assert len(builds) == 2 * n
-    with torch.no_grad():
-        with adapter.model.disable_adapter():
-            base = adapter.forward(batch, keep_logits=True)
-        with merged_lora_inference(adapter.model):
-            folded = adapter.forward(batch, keep_logits=True)
-            with adapter.model.disable_adapter():  # honoured inside the block too
-                disabled = adapter.forward(batch, keep_logits=True)
-            set_lora_b(torch.zeros_like)  # replaced: the kept folds must not be reused
-            replaced = adapter.forward(batch, keep_logits=True)
-    assert (folded.logits - base.logits).abs().max() > 1e-3
-    torch.testing.assert_close(disabled.logits, base.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(replaced.logits, base.logits, rtol=1e-5, atol=1e-5)
-    # Inference tensors have no version counter: folded per call, never kept.
-    with torch.inference_mode():
-        set_lora_b(lambda w: torch.randn_like(w) * 0.05)
-        unfolded = adapter.forward(batch, keep_logits=True)
-        builds.clear()
-        with merged_lora_inference(adapter.model):
-            for _ in range(2):
-                folded = adapter.forward(batch, keep_logits=True)
-    assert len(builds) == 2 * n
-    torch.testing.assert_close(folded.logits, unfolded.logits, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="cache_bytes"), merged_lora_inference(adapter.model, -1):
-        pass

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from unifyreg.cli import main
-from unifyreg.config import ConfigError, EvalConfig, PretrainToyConfig, load_config
+from unifyreg.config import (
+    ConfigError,
+    EvalConfig,
+    FinetuneConfig,
+    PretrainToyConfig,
+    load_config,
+)
 from unifyreg.toy.base import cache_key, cache_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +168,12 @@ def test_probe_command_writes_tables_figures_and_scores(tmp_path, capsys):
         (["model.path=/not/a/dir"], "model.path: directory '/not/a/dir' does not exist"),
         (["probe_set=/no/such.jsonl"], "probe_set: expected 'toy' or a manifest"),
         (["probe.alpha=0"], "probe.alpha must be a finite number > 0"),
-        (["probe.bandwidth=wide"], "probe.bandwidth must be a rule (median, median_differentiable) or a number > 0"),
+        # inf used to pass the config and fail after the model was loaded (a raw ValueError)
+        (["probe.alpha=inf"], "probe.alpha must be a finite number > 0, got inf"),
+        (
+            ["probe.bandwidth=wide"],
+            "probe.bandwidth must be a rule (median, median_differentiable) or a number > 0",
+        ),
         (["probe.responses=sampled"], "probe.responses must be one of reference, generated"),
         (["on_bad_example=ignore"], "on_bad_example must be one of error, skip"),
     ],
@@ -170,6 +181,37 @@ def test_probe_command_writes_tables_figures_and_scores(tmp_path, capsys):
 def test_probe_config_errors_stop_before_work(overrides, message, capsys):
     assert main(["probe", *overrides]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["probe", "finetune"])
+def test_a_layer_the_model_does_not_have_stops_with_exit_code_2(
+    command, tiny_base_overrides, tmp_path, capsys
+):
+    out = [f"output_dir={tmp_path}"] if command == "probe" else [f"run_dir={tmp_path / 'r'}"]
+    assert main([command, *tiny_base_overrides, "probe.layers=[0,9]", *out]) == 2
+    assert (
+        "probe.layers: layer 9 out of range: this model has layers 0..2" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "r").exists() and not (tmp_path / "result.json").exists()
+
+
+def test_print_config_prints_the_resolved_config_and_does_nothing(tmp_path, capsys):
+    assert main(["finetune", "--print-config", "loss.w_div=0.5", f"run_dir={tmp_path / 'r'}"]) == 0
+    printed = capsys.readouterr().out
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.create(printed)
+    assert resolved.loss.w_div == 0.5 and resolved.model.adapter == "toy"
+    assert not (tmp_path / "r").exists()
+    assert load_config(FinetuneConfig, None, ["loss.w_div=0.5"]).loss.w_div == 0.5
+
+
+def test_dry_run_checks_everything_and_trains_nothing(tiny_base_overrides, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["finetune", "--dry-run", *tiny_base_overrides, f"run_dir={run_dir}"]) == 0
+    assert "dry run" in capsys.readouterr().out and not run_dir.exists()
+    assert main(["probe", "--dry-run", *tiny_base_overrides, f"output_dir={tmp_path / 'p'}"]) == 0
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("family", ["toy", "emu3", "janus_pro", "chameleon"])

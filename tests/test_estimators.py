@@ -40,6 +40,38 @@ def test_identical_tokens_have_zero_entropy(alpha):
     assert torch.equal(matrix_entropy(Z, alpha=alpha), torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("alpha", [1.0, 1.01, 2.0])
+def test_zero_entropy_is_positive_zero_on_every_route(alpha):
+    """-0.0 (which prints as "-0") came out of rank-one spectra; every route gives +0.0."""
+    Z = torch.full((2, 12, 4), 0.3, dtype=torch.float64)
+    tokens, whole = _segments_of(Z, torch.ones(2, 12, dtype=torch.bool), 0, 12)
+    values = [
+        matrix_entropy(Z, alpha=alpha),  # no gradient: in-place blocked path
+        matrix_entropy(Z.clone().requires_grad_(), alpha=alpha).detach(),  # autograd
+        matrix_entropy(whole, alpha=alpha, max_gram_bytes=2**20)[0],  # shared distances
+        matrix_entropy(Z, alpha=alpha, normalize=True),
+        renyi_entropy(torch.ones(2, 5, 5, dtype=torch.float64), alpha),
+    ]
+    for value in values:
+        assert torch.equal(value, torch.zeros_like(value)) and not torch.signbit(value).any()
+    # A difference of two entropies (both exactly or nearly 0) is 0 to round-off.
+    assert conditional_entropy_proxy(Z[:, :6], Z[:, 6:], alpha=alpha).abs().max() < 1e-12
+
+
+def test_repeated_tokens_are_exactly_zero_apart():
+    """The Gram trick's round-off made repeated tokens ~1e-17 apart; under a floored
+    median bandwidth (more than half the pairs repeated) that round-off decided the Gram."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 32, generator=g, dtype=torch.float64) * 3 + 5
+    Z = base[torch.tensor([0, 0, 0, 0, 0, 0, 1, 2, 0, 0])]  # 8 of 10 tokens repeat token 0
+    D = pairwise_sq_distances(Z)
+    repeated = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9])
+    assert torch.equal(D[repeated][:, repeated], torch.zeros(8, 8, dtype=torch.float64))
+    assert float(median_bandwidth(Z)) == 1e-6  # floored: the case where it mattered
+    with_grad = pairwise_sq_distances(Z.clone().requires_grad_())
+    assert torch.equal(with_grad[repeated][:, repeated].detach(), D[repeated][:, repeated])
+
+
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 1.01, 2.0])
 @pytest.mark.parametrize("n", [2, 7, 64])
 def test_far_apart_tokens_have_log_n_entropy(alpha, n):
@@ -105,14 +137,30 @@ def test_more_clusters_give_strictly_more_entropy_starting_at_zero():
     assert entropies[1:] == pytest.approx([math.log2(c) for c in (5, 20, 100)], abs=1e-3)
 
 
-def test_proxy_increases_from_copy_to_noisy_copy_to_independent():
-    g = torch.Generator().manual_seed(0)
-    P = torch.randn(60, 16, generator=g, dtype=torch.float64)
-    copy = conditional_entropy_proxy(P, P.clone())
-    noisy = conditional_entropy_proxy(P, P + 0.2 * torch.randn(60, 16, generator=g).double())
-    independent = conditional_entropy_proxy(P, torch.randn(60, 16, generator=g).double())
-    assert abs(copy.item()) < 1e-9
-    assert copy < noisy < independent
+def _proxy_cases():
+    """(P, noise, independent R) for d in 16/64/256, n = m in 60/100, 3 seeds; every
+    tensor has unit per-coordinate spread."""
+    for d in (16, 64, 256):
+        for n in (60, 100):
+            for seed in range(3):
+                g = torch.Generator().manual_seed(seed)
+                P, noise, other = torch.randn(3, n, d, generator=g, dtype=torch.float64)
+                yield P, noise, other
+
+
+def test_proxy_orders_copy_noisy_copy_independent_only_for_small_noise():
+    """The docstring's statement, exactly: with R = P + s * noise (s relative to P's
+    spread), copy < noisy copy < independent R holds for s <= 0.2 (and the proxy grows
+    with s there); from s = 0.7 the noisy copy scores above an independent R in every
+    case (the proxy mixes R's own spread with its dependence on P)."""
+    for P, noise, other in _proxy_cases():
+        copy = conditional_entropy_proxy(P, P.clone()).item()
+        noisy = [conditional_entropy_proxy(P, P + s * noise).item() for s in (0.05, 0.1, 0.2)]
+        independent = conditional_entropy_proxy(P, other).item()
+        assert abs(copy) < 1e-9
+        assert copy < noisy[0] < noisy[1] < noisy[2] < independent
+        for s in (0.7, 1.0):
+            assert conditional_entropy_proxy(P, P + s * noise).item() > independent
 
 
 def test_proxy_is_joint_minus_prompt_entropy_with_shared_bandwidth():

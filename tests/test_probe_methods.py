@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from unifyreg import probing
 from unifyreg.config import ConfigError, ProbeConfig, ProbeRunConfig, load_config
 from unifyreg.estimators import (
     MIN_MEDIAN_BANDWIDTH,

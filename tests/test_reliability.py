@@ -321,6 +321,33 @@ def test_a_kill_during_a_write_never_leaves_a_truncated_file(tmp_path):
         assert data["i"] >= 1 and len(data["pad"]) == 2_000_000
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, tiny_adapter, tiny_splits):
+    """Files used to keep mkstemp's 0600 (unreadable to a TensorBoard or a colleague
+    running as another user): every writer must give what a plain open() gives."""
+    from unifyreg.probing import run_probe
+    from unifyreg.report import write_probe_result
+
+    previous = os.umask(umask)
+    try:
+        written = [
+            atomic_write_text(tmp_path / "a.txt", "x"),
+            atomic_write_json(tmp_path / "b.json", {"a": 1}),
+            *write_probe_result(
+                run_probe(tiny_adapter, tiny_splits["probe/image/attribute"][:2], ProbeConfig()),
+                tmp_path / "probe",
+            ).values(),
+        ]
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(previous)
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for path in written:
+        assert path.stat().st_mode & 0o777 == expected, path
+
+
 def test_atomic_writes_leave_the_old_file_or_directory_on_error(tmp_path):
     path = atomic_write_text(tmp_path / "a.json", '{"v": 1}\n')
     with pytest.raises(TypeError):

@@ -45,7 +45,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from unifyreg.config import ProbeConfig
 from unifyreg.fileio import atomic_write_text
-from unifyreg.module import merged_lora_inference
 from unifyreg.probing import ProbeResult, run_probe
 from unifyreg.quantities import QUANTITIES
 
@@ -202,10 +201,7 @@ class EntropyProbe(Callback):
         shard = self.examples[rank::world] if world > 1 else self.examples
         local = None
         if shard:
-            # LoRA updates folded into their weights for the probe: same values to
-            # round-off, a fifth less forward time on small models, nothing modified.
-            with merged_lora_inference(adapter.model):
-                local = run_probe(adapter, shard, self.probe)
+            local = run_probe(adapter, shard, self.probe)
         result = self._gather(trainer, local)
         seconds = time.perf_counter() - start
         metrics = probe_metrics(result)

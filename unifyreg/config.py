@@ -599,6 +599,7 @@ RANGE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ProbeConfig, "max_gram_bytes"): AT_LEAST_ONE,
     (ProbeConfig, "max_tokens"): COUNT,
     (PretrainToyConfig, "max_steps"): AT_LEAST_ONE,
+    (PretrainToyConfig, "seed"): COUNT,
     (PretrainToyConfig, "batch_size"): AT_LEAST_ONE,
     (PretrainToyConfig, "eval_batch_size"): AT_LEAST_ONE,
     (PretrainToyConfig, "checkpoint_every_n_steps"): AT_LEAST_ONE,
@@ -615,6 +616,7 @@ RANGE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (LossConfig, "div_parts"): _non_empty,
     (LossConfig, "warmup_steps"): COUNT,
     (FinetuneConfig, "max_epochs"): AT_LEAST_ONE,
+    (FinetuneConfig, "seed"): COUNT,
     (FinetuneConfig, "batch_size"): AT_LEAST_ONE,
     (FinetuneConfig, "every_n_epochs"): AT_LEAST_ONE,
     (FinetuneConfig, "devices"): AT_LEAST_ONE,
@@ -622,7 +624,7 @@ RANGE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ArmConfig, "w_ctx"): NON_NEGATIVE,
     (ArmConfig, "w_div"): NON_NEGATIVE,
     (SweepConfig, "values"): _each(NON_NEGATIVE),
-    (AblateConfig, "seeds"): _non_empty,
+    (AblateConfig, "seeds"): lambda seeds: _non_empty(seeds) or _each(COUNT)(seeds),
 }
 
 

@@ -9,7 +9,7 @@ Logged every step: ``loss/total``, ``loss/task``, ``loss/text``, ``loss/image``,
 ``tokens/text``, ``tokens/image``, ``loss/skipped_steps``; once at the start of
 training: ``data/skipped_examples``. The learning rate is Lightning's
 ``LearningRateMonitor``'s to log: the scheduler is named ``lr`` and the parameter groups
-``decay`` and ``no_decay`` (``lr/decay``, ``lr/no_decay``; ``lr`` with one group).
+``decay`` and ``no_decay`` (``lr/decay``, ``lr/no_decay``; only groups with parameters).
 
 Reliability (docs/reliability.md):
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -41,13 +40,11 @@ from unifyreg.adapters.base import Adapter, ForwardOutput
 from unifyreg.config import LoraSettings, OptimConfig
 
 __all__ = [
-    "FOLDED_WEIGHT_CACHE_BYTES",
     "EpochRandomSampler",
     "LossTerm",
     "UMMModule",
     "apply_lora",
     "example_loader",
-    "merged_lora_inference",
     "trainable_parameter_count",
     "warmup_cosine",
 ]
@@ -287,86 +284,6 @@ def apply_lora(adapter: Adapter, lora: LoraSettings) -> Adapter:
     except ValueError as error:  # peft: no module matched the targets
         raise ValueError(f"LoRA targets {targets} do not match the model: {error}") from None
     return adapter
-
-
-#: Default bytes of folded weights :func:`merged_lora_inference` keeps between calls.
-FOLDED_WEIGHT_CACHE_BYTES = 256 * 2**20
-
-
-@contextmanager
-def merged_lora_inference(
-    model: torch.nn.Module, cache_bytes: int = FOLDED_WEIGHT_CACHE_BYTES
-) -> Iterator[int]:
-    """Inside the block, each plain LoRA linear of ``model`` computes
-    ``x (W + s B A)^T`` in one product instead of ``x W^T + s (x A^T) B^T``; yields how
-    many layers it folded. For inference only (the probe, evaluation): nothing stored
-    is modified, so leaving the block restores the model exactly; outputs equal the
-    unfolded ones to round-off. Layers it cannot fold exactly (merged, disabled, several
-    active adapters, a LoRA variant such as DoRA, a base layer that is not
-    ``nn.Linear``) keep their own forward.
-
-    Without gradient, folded weights of up to ``cache_bytes`` bytes in all (0: none) are
-    kept and reused by later calls (batches) until ``W``, ``A``, ``B`` or ``s`` changes
-    (replaced, or changed in place); the others, every call with gradient and weights
-    that are inference tensors (no version counter) build the folded weight per call.
-    Everything kept is dropped on leaving the block.
-
-    The LoRA branch is two thin products and an add over every token: on a small model
-    that is about a fifth of an inference forward pass (measured on the toy: 93 -> 73 ms
-    for the 160-example probe set).
-    """
-    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-        raise ValueError(f"cache_bytes must be an integer >= 0, got {cache_bytes!r}")
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # no peft: nothing to fold
-        yield 0
-        return
-    folded = []
-    budget = {"bytes_left": cache_bytes}
-    for module in model.modules():
-        if not isinstance(module, LoraLinear) or module.merged or module.disable_adapters:
-            continue
-        active = [name for name in module.active_adapters if name in module.lora_A]
-        if (
-            len(active) != 1
-            or active[0] in module.lora_variant
-            or type(module.base_layer) is not torch.nn.Linear
-        ):
-            continue
-
-        cache: dict[str, Any] = {}
-
-        def forward(x: Tensor, _layer=module, _adapter=active[0], _cache=cache) -> Tensor:
-            if _layer.disable_adapters or _layer.merged:  # changed inside the block
-                return type(_layer).forward(_layer, x)
-            base = _layer.base_layer
-            sources = (base.weight, _layer.lora_A[_adapter].weight, _layer.lora_B[_adapter].weight)
-            # The cached sources are held, so their ids cannot be reused; an in-place
-            # change bumps `_version` (inference tensors have none: never cached).
-            keep = not torch.is_grad_enabled() and not any(t.is_inference() for t in sources)
-            weight = None
-            if keep:
-                key = (*((id(t), t._version) for t in sources), _layer.scaling[_adapter])
-                weight = _cache["weight"] if _cache.get("key") == key else None
-            if weight is None:
-                weight = base.weight + _layer.get_delta_weight(_adapter).to(base.weight.dtype)
-                if keep:
-                    budget["bytes_left"] += _cache.pop("bytes", 0)
-                    _cache.clear()
-                    size = weight.numel() * weight.element_size()
-                    if size <= budget["bytes_left"]:
-                        budget["bytes_left"] -= size
-                        _cache.update(key=key, weight=weight, sources=sources, bytes=size)
-            return torch.nn.functional.linear(x.to(weight.dtype), weight, base.bias)
-
-        module.forward = forward  # an instance attribute shadows the class's forward
-        folded.append(module)
-    try:
-        yield len(folded)
-    finally:
-        for module in folded:
-            del module.forward
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:

@@ -36,6 +36,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from unifyreg.callbacks import EntropyProbe, last_checkpoint
 from unifyreg.config import ConfigError, FinetuneConfig, to_yaml
@@ -161,7 +162,19 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
     callbacks = [probe, last_checkpoint(run_dir / "checkpoints"), progress_bar()]
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = L.Trainer(
+    try:
+        trainer = _trainer(cfg, run_dir, loggers, callbacks, steps_per_epoch)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"accelerator/devices/strategy/precision ({cfg.accelerator}, {cfg.devices}, "
+            f"{cfg.strategy}, {cfg.precision}): {message}"
+        ) from None
+    return TrainerParts(adapter, module, loader, probe, trainer)
+
+
+def _trainer(cfg: FinetuneConfig, run_dir: Path, loggers, callbacks, steps_per_epoch: int):
+    return L.Trainer(
         max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps,
         accelerator=cfg.accelerator,
@@ -176,7 +189,6 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
-    return TrainerParts(adapter, module, loader, probe, trainer)
 
 
 def save_outputs(adapter, cfg: FinetuneConfig) -> dict[str, Path]:

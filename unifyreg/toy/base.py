@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from unifyreg.adapters.toy import ADAPTER_FILE, ToyAdapter
@@ -34,7 +34,7 @@ from unifyreg.toy.evaluation import accuracy_table, evaluate_examples
 from unifyreg.toy.model import LAYOUT_VERSION
 from unifyreg.toy.splits import WorldConfig, build_splits
 from unifyreg.toy.tokenizer import WordTokenizer
-from unifyreg.trainer import fit, progress_bar
+from unifyreg.trainer import AtomicCheckpointIO, fit, progress_bar
 
 __all__ = ["EVAL_FILE", "build_toy_base", "cache_key", "cache_path", "default_model_path"]
 
@@ -129,6 +129,7 @@ def _train_toy_base(cfg: PretrainToyConfig, final: Path, log) -> Path:
         accelerator=cfg.accelerator,
         devices=1,
         logger=CSVLogger(partial, name="logs", version=0),
+        plugins=[AtomicCheckpointIO()],
         callbacks=[
             ModelCheckpoint(
                 dirpath=checkpoints,
@@ -137,6 +138,7 @@ def _train_toy_base(cfg: PretrainToyConfig, final: Path, log) -> Path:
                 every_n_train_steps=cfg.checkpoint_every_n_steps,
             ),
             progress_bar(),
+            LearningRateMonitor(logging_interval="step"),
         ],
         gradient_clip_val=cfg.optim.grad_clip or None,
         log_every_n_steps=50,
