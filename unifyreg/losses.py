@@ -152,8 +152,11 @@ class ContextualPredictionLoss(nn.Module):
         for name, value in batch.items():
             if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == size:
                 value = value[has_image]
-                if value.ndim == 2 and value.shape[1] == length:
-                    value = value[:, :width]
+                # Every sequence-long dim is trimmed: [B, S] fields and the [B, 1, S, S]
+                # attention_mask_4d alike.
+                for dim in range(1, value.ndim):
+                    if value.shape[dim] == length:
+                        value = value.narrow(dim, 0, width)
             rows[name] = value
         return rows
 

@@ -13,6 +13,24 @@ is the output of block ``l``. The last layer is taken before the final norm unle
 ``final_norm=True`` (``probe.final_norm``), which takes the final norm's output for it
 (what ``transformers``' ``output_hidden_states`` returns as its last entry).
 
+Batches are dicts of tensors with at least ``input_ids``, ``attention_mask`` (``[B, S]``,
+1 = a real token), ``roles`` and ``target_kind``. Two optional keys are part of the seam:
+
+- ``attention_mask_4d`` ``[B, 1, S, S]``: an additive float mask (0 = attend, the dtype's
+  minimum = blocked) that replaces the causal mask, for families whose image tokens see
+  each other (:func:`omni_attention_mask`: text causal, every token of an image sees the
+  whole image; Show-o's omni-attention, Harmon's masked autoregression);
+- ``masked_positions`` ``[B, S]`` bool: *masked prediction*. These positions' inputs are
+  replaced by the family's mask embedding (unless an embedding hook replaces them first),
+  and the image loss is the cross-entropy of the image head at each masked position
+  against the token that was there (``input_ids`` keep the original tokens), over the
+  masked positions only (``image_tokens`` counts them); without ``attention_mask_4d``
+  the adapter takes :func:`omni_attention_mask`.
+
+:meth:`Adapter.training_batch` is where a family's own training objective changes a
+batch (the toy's ``contextual`` objective and Show-o draw ``masked_positions`` there);
+the probe and evaluation never call it.
+
 Examples are duck-typed: any object with the attributes ``prompt_text``,
 ``prompt_image``, ``response_text``, ``response_image`` (``None`` where absent),
 ``task`` and ``category`` (e.g. :class:`unifyreg.toy.Example`).
@@ -45,6 +63,7 @@ FINAL_NORM_DEFAULT = False
 
 __all__ = [
     "FINAL_NORM_DEFAULT",
+    "IMAGE_ROLES",
     "TARGET_IMAGE",
     "TARGET_NONE",
     "TARGET_TEXT",
@@ -53,7 +72,12 @@ __all__ = [
     "ForwardOutput",
     "LayerStack",
     "capture_hidden_states",
+    "model_attention_mask",
+    "omni_attention_mask",
 ]
+
+#: Roles of image positions (prompt or response).
+IMAGE_ROLES = (3, 5)  # Role.IMAGE_PROMPT, Role.IMAGE_RESPONSE (roles.py is below this file)
 
 
 @dataclass(init=False)
@@ -246,6 +270,52 @@ def capture_hidden_states(
             handle.remove()
 
 
+# ---------------------------------------------------------------------- attention masks
+
+
+def omni_attention_mask(
+    roles: Tensor, attention_mask: Tensor, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``[B, 1, S, S]`` additive mask: causal over the sequence, padding keys blocked, and
+    every position of an image (a contiguous run of one image role, prompt or response)
+    attends to every position of that image. 0 = attend, ``finfo(dtype).min`` = blocked
+    (finite, so a padding row that sees nothing stays NaN-free)."""
+    if roles.dim() != 2 or attention_mask.shape != roles.shape:
+        raise ValueError(
+            f"roles and attention_mask must both be [B, S], got {tuple(roles.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+    batch, length = roles.shape
+    device = roles.device
+    is_image = torch.zeros_like(roles, dtype=torch.bool)
+    for role in IMAGE_ROLES:
+        is_image |= roles == role
+    # Number the runs: a new run starts where the role changes.
+    change = torch.ones_like(roles, dtype=torch.bool)
+    change[:, 1:] = roles[:, 1:] != roles[:, :-1]
+    run = torch.cumsum(change.long(), dim=1)
+    same_image = (run[:, :, None] == run[:, None, :]) & is_image[:, :, None] & is_image[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    allowed = (causal[None] | same_image) & attention_mask.bool()[:, None, :]
+    mask = torch.zeros((batch, 1, length, length), dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def model_attention_mask(
+    batch: dict[str, Tensor], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """What to pass a model as ``attention_mask``: the batch's ``attention_mask_4d`` (in
+    ``dtype``), an :func:`omni_attention_mask` when it asks for masked prediction
+    (``masked_positions``) without one, else the 2-D padding mask."""
+    if "attention_mask_4d" in batch:
+        return batch["attention_mask_4d"].to(device=device, dtype=dtype)
+    if "masked_positions" in batch:
+        return omni_attention_mask(
+            batch["roles"].to(device), batch["attention_mask"].to(device), dtype
+        )
+    return batch["attention_mask"].to(device)
+
+
 # ---------------------------------------------------------------------- the protocol
 
 
@@ -282,6 +352,12 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def encode(self, examples: Sequence[Any]) -> dict[str, Tensor]:
         """Examples -> a padded batch (tensors only, including ``roles`` ``[B, S]``)."""
+
+    def training_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the family's own training objective does to a batch before a training
+        step (default: nothing); module docstring. Random draws use the global torch
+        generator, whose state checkpoints save."""
+        return batch
 
     @abc.abstractmethod
     def input_embeddings(self, batch: dict[str, Tensor]) -> Tensor:
