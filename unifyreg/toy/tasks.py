@@ -1,6 +1,6 @@
 """Examples, task generators and exact scorers of the synthetic world.
 
-Four tasks, each split into categories (:data:`TASK_CATEGORIES`):
+Six tasks, each split into categories (:data:`TASK_CATEGORIES`):
 
 - ``text``: text-only statements. ``knowledge`` ("what colour is grass" -> "green",
   "the colour of grass is" -> "green") and ``arithmetic`` ("two plus one is" -> "three").
