@@ -17,15 +17,18 @@ from unifyreg.toy import (
     OBJECTS,
     PALETTE,
     PALETTE_RGB,
+    PROBE_SETS,
     SPECIAL_TOKENS,
     T2I_CATEGORIES,
     TASK_CATEGORIES,
     TEXT_CATEGORIES,
+    TEXT_REASONING_CATEGORIES,
     TRAINING_MIX,
     Example,
     WordTokenizer,
     WorldConfig,
     build_splits,
+    caption_words,
     categories,
     generate,
     load_grid_png,
@@ -38,6 +41,14 @@ from unifyreg.toy import (
     score_image,
     score_text,
     split_names,
+    world_vocabulary,
+)
+from unifyreg.toy.evaluation import (
+    HEADLINE_GROUPS,
+    MIN_TEXT_STEPS,
+    accuracy_table,
+    evaluate_examples,
+    text_step_budget,
 )
 from unifyreg.toy.splits import _cached_splits
 
@@ -174,6 +185,38 @@ def solve_understanding(example: Example) -> str:
     raise AssertionError(f"no solver for {category}")
 
 
+def solve_caption(example: Example) -> str:
+    assert example.prompt_text == "read the image"
+    words = []
+    for row in example.prompt_image:  # top row first
+        for value in row:  # left to right
+            words.append(PALETTE[int(value)])
+    return " ".join(words)
+
+
+def solve_text_reasoning(example: Example, size: int) -> str:
+    words = example.prompt_text.split()
+    assert words[0] == "describe", example.prompt_text
+    body = words[1:]
+    cut = body.index("in")
+    place = body[cut + 1 :]
+    cells = solve_place(place, size)  # must name a real place
+    phrase = " ".join(place)
+    if example.category == "text_deductive":
+        assert body[:3] == ["the", "colour", "of"] and cut == 4, example.prompt_text
+        name = body[3]
+        colour = OBJECT_COLOURS[name]
+        return f"{name} is {colour} so {phrase} is {colour}"
+    assert example.category == "text_abductive", example.category
+    a, operator, b, colour, cells_word = body[:cut]
+    assert cells_word == "cells" and colour in PALETTE[1:]
+    count = solve_arithmetic(a, operator, b)
+    assert 1 <= count <= len(cells), example.prompt_text
+    number = NUMBER_WORDS[count]
+    noun, verb = ("cell", "is") if count == 1 else ("cells", "are")
+    return f"{a} {operator} {b} is {number} so {number} {noun} in {phrase} {verb} {colour}"
+
+
 def check_reference(example: Example, size: int) -> None:
     if example.task in DRAWING_TASKS:
         expected_grid = solve_drawing(example, size)
@@ -181,7 +224,12 @@ def check_reference(example: Example, size: int) -> None:
         assert score_image(expected_grid, example.response_image)
     elif example.task == "text":
         assert score_example(example, predicted_text=solve_text(example)), example.prompt_text
+    elif example.task == "caption":
+        assert example.response_text == solve_caption(example)
+    elif example.task == "text_reasoning":
+        assert example.response_text == solve_text_reasoning(example, size), example.prompt_text
     else:
+        assert example.task == "understanding", example.task
         answer = solve_understanding(example)
         assert score_example(example, predicted_text=answer), example.prompt_text
 
@@ -383,6 +431,18 @@ def test_example_requires_the_right_answer_modality():
         Example("text", "knowledge", "what colour is sky", response_image=make_grid(4))
     with pytest.raises(ValueError, match="prompt_image"):
         Example("understanding", "coarse", "which colour is most common", response_text="red")
+    with pytest.raises(ValueError, match="prompt_image"):
+        Example("caption", "caption", "read the image", response_text="red " * 16)
+    with pytest.raises(ValueError, match="prompt_image"):
+        Example(
+            "text_reasoning",
+            "text_deductive",
+            "describe the colour of sky in row one",
+            prompt_image=make_grid(4),
+            response_text="sky is blue so row one is blue",
+        )
+    with pytest.raises(ValueError, match="response_text"):
+        Example("caption", "caption", "read the image", prompt_image=make_grid(4))
 
 
 def test_category_constants():
@@ -428,6 +488,16 @@ def test_every_split_covers_its_categories(splits):
         probe = splits[f"probe/image/{category}"]
         assert {(e.task, e.category) for e in probe} == {("understanding", category)}
         assert all(e.prompt_image is not None and e.response_text for e in probe)
+    for category in TEXT_REASONING_CATEGORIES:
+        probe = splits[f"probe/text/{category}"]
+        assert {(e.task, e.category) for e in probe} == {("text_reasoning", category)}
+        assert all(e.prompt_image is None and len(e.response_text.split()) >= 8 for e in probe)
+    probe = splits["probe/image/caption"]
+    assert {(e.task, e.category) for e in probe} == {("caption", "caption")}
+    assert all(e.prompt_image is not None and len(e.response_text.split()) == 16 for e in probe)
+    expected = {f"probe/{m}/{c}" for m, _, c in PROBE_SETS}
+    assert {n for n in splits if n.startswith("probe/")} == expected
+    assert len(expected) == len(PROBE_SETS)  # category names do not collide
 
 
 def test_small_splits_still_cover_every_category():
@@ -627,3 +697,238 @@ def test_vocabulary_covers_other_grid_sizes():
                 ids = tokenizer.encode_example(example)  # raises on an unknown word
                 assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
                 assert all(0 <= i < tokenizer.vocab_size for i in ids)
+
+
+# ------------------------------------------------- long text answers: caption, reasoning
+
+LONG_TEXT_CATEGORIES = [
+    ("caption", "caption"),
+    *(("text_reasoning", c) for c in TEXT_REASONING_CATEGORIES),
+]
+
+
+def test_caption_is_the_word_twin_of_the_image_tokens(tokenizer):
+    grid = grid_from_rows("rgby", "wop.", "....", "r..r")
+    assert caption_words(grid) == (
+        "red green blue yellow white orange purple black "
+        "black black black black red black black red"
+    )
+    for example in generate("caption", "caption", 50, seed=0):
+        assert example.prompt_text == "read the image"
+        words = example.response_text.split()
+        image_tokens = tokenizer.encode_grid(example.prompt_image)
+        assert len(words) == len(image_tokens) == 16
+        # word i names the colour of image token i: "<img_red>" <-> "red"
+        assert [f"<img_{w}>" for w in words] == [tokenizer.id_to_token(i) for i in image_tokens]
+    for size in (2, 3, 6):
+        for example in generate("caption", "caption", 10, seed=size, grid_size=size):
+            assert len(example.response_text.split()) == size * size
+
+
+def test_text_reasoning_examples_by_hand():
+    # 448 deductive prompts (16 objects x 28 places): 3000 draws meet the hand-made ones
+    deductive = generate("text_reasoning", "text_deductive", 3000, seed=0)
+    abductive = generate("text_reasoning", "text_abductive", 300, seed=0)
+    by_prompt = {e.prompt_text: e.response_text for e in deductive + abductive}
+    hand_made = {
+        "describe the colour of grass in the top row": "grass is green so the top row is green",
+        "describe the colour of sky in cell two three": "sky is blue so cell two three is blue",
+        "describe two plus one red cells in the top row": (
+            "two plus one is three so three cells in the top row are red"
+        ),
+        "describe two minus one red cells in the top row": (
+            "two minus one is one so one cell in the top row is red"
+        ),
+    }
+    for prompt, answer in hand_made.items():
+        example = Example(
+            "text_reasoning",
+            "text_abductive" if "plus" in prompt or "minus" in prompt else "text_deductive",
+            prompt,
+            response_text=answer,
+        )
+        assert solve_text_reasoning(example, 4) == answer  # the test's solver, by hand
+        if example.category == "text_deductive":
+            assert by_prompt[prompt] == answer  # the generator, by hand
+    # answers state the fact, then what is drawn; never one word
+    assert all(len(e.response_text.split()) >= 8 for e in deductive + abductive)
+    assert {e.meta["count"] == 1 for e in abductive} == {True, False}  # both number forms
+
+
+def _drawn_by_answer(answer: str, size: int) -> np.ndarray:
+    """The grid a text-reasoning answer says is drawn (the words after "so")."""
+    words = answer.split()
+    clause = words[words.index("so") + 1 :]
+    colour = clause[-1]
+    assert clause[-2] in ("is", "are")
+    grid = np.zeros((size, size), dtype=np.int64)
+    if clause[0] in NUMBER_WORDS and clause[1] in ("cell", "cells"):
+        count = WORD_VALUE[clause[0]]
+        paint(grid, solve_place(clause[3:-2], size)[:count], [colour])
+    else:
+        paint(grid, solve_place(clause[:-2], size), [colour])
+    return grid
+
+
+@pytest.mark.parametrize("size", [4, 3])
+def test_text_reasoning_answers_state_what_the_t2i_twin_draws(size: int):
+    # "describe P" -> answer; the t2i prompt P draws exactly what the answer says.
+    for category in TEXT_REASONING_CATEGORIES:
+        for example in generate("text_reasoning", category, 100, seed=1, grid_size=size):
+            twin_prompt = example.prompt_text.removeprefix("describe ")
+            twin_category = category.removeprefix("text_")
+            twin = Example("t2i", twin_category, twin_prompt, response_image=make_grid(size))
+            drawn = solve_drawing(twin, size)
+            np.testing.assert_array_equal(_drawn_by_answer(example.response_text, size), drawn)
+
+
+@pytest.mark.parametrize(("task", "category"), LONG_TEXT_CATEGORIES)
+def test_long_answers_are_scored_word_by_word(task: str, category: str):
+    vocabulary = world_vocabulary(4)
+    for example in generate(task, category, 20, seed=3):
+        reference = example.response_text
+        words = reference.split()
+        assert score_example(example, predicted_text=reference)
+        assert score_example(example, predicted_text="  " + reference.upper().replace(" ", "  "))
+        for i, word in enumerate(words):
+            other = next(w for w in vocabulary if w != word)
+            wrong = " ".join([*words[:i], other, *words[i + 1 :]])
+            assert not score_example(example, predicted_text=wrong), (i, wrong)
+        assert not score_example(example, predicted_text=" ".join(words[:-1]))
+        assert not score_example(example, predicted_text=" ".join(words[1:]))
+        assert not score_example(example, predicted_text=reference + " red")
+        assert not score_example(example, predicted_text=words[0])
+        assert not score_example(example, predicted_text=None)
+
+
+def test_long_text_tasks_are_in_the_mix_and_understanding_keeps_its_share():
+    shares = {(task, category): share for task, category, share in TRAINING_MIX}
+    for key in LONG_TEXT_CATEGORIES:
+        assert 0 < shares[key] <= 0.05, key
+    understanding = sum(s for (task, _), s in shares.items() if task == "understanding")
+    assert understanding >= 0.5
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_text_reasoning_uses_every_object_and_no_drawing_names_a_heldout_one(splits, config):
+    objects = object_split(config)
+    deductive = [e for e in splits["pretrain"] if e.category == "text_deductive"]
+    assert {e.meta["object"] for e in deductive} == set(OBJECTS)  # held-out ones included
+    assert {o for e in deductive for o in _mentioned_objects(e)} == set(OBJECTS)
+    heldout = set(objects.heldout)
+    for name in ("pretrain", "finetune", "eval"):
+        for example in splits[name]:
+            if example.task in DRAWING_TASKS:
+                assert not _mentioned_objects(example) & heldout, (name, example.prompt_text)
+    # no prompt asks for both a grid and words
+    drawing = {e.prompt_text for n in ("pretrain", "eval") for e in splits[n] if e.task == "t2i"}
+    wording = {e.prompt_text for n in ("pretrain", "eval") for e in splits[n] if e.task != "t2i"}
+    assert drawing.isdisjoint(wording)
+
+
+def _hand_count(example: Example, grid_size: int) -> int:
+    """1 bos + prompt words + (2 + G*G for an image prompt) + 1 sep + answer + 1 eos, where
+    the answer is its words, or <boi> G*G <eoi> for a grid."""
+    image = grid_size * grid_size
+    length = 1 + len(example.prompt_text.split()) + 1 + 1
+    if example.prompt_image is not None:
+        length += 2 + image
+    if example.response_image is not None:
+        length += 2 + image
+    else:
+        length += len(example.response_text.split())
+    return length
+
+
+def test_every_task_category_fits_the_toy_models_positions(splits, tokenizer):
+    from unifyreg.adapters.toy import ToyModelConfig
+
+    max_positions = ToyModelConfig().max_positions
+    assert max_positions == 64
+    longest: dict[tuple[str, str], int] = {}
+    samples = [e for t, c in ALL_TASK_CATEGORIES for e in generate(t, c, 400, seed=11)]
+    for example in [*samples, *(e for split in splits.values() for e in split)]:
+        length = _hand_count(example, 4)
+        assert len(tokenizer.encode_example(example)) == length, example.prompt_text
+        key = (example.task, example.category)
+        longest[key] = max(longest.get(key, 0), length)
+    assert set(longest) == set(ALL_TASK_CATEGORIES)
+    assert max(longest.values()) <= max_positions, longest
+    # by hand: caption 1 + 3 + 18 + 1 + 16 + 1; "describe the colour of X in the top row"
+    # -> "X is C so the top row is C": 1 + 9 + 1 + 9 + 1; "describe a plus b C cells in
+    # the top row" -> "a plus b is n so n cells in the top row are C": 1 + 10 + 1 + 14 + 1
+    assert longest[("caption", "caption")] == 40
+    assert longest[("text_reasoning", "text_deductive")] == 21
+    assert longest[("text_reasoning", "text_abductive")] == 27
+    assert longest[("t2i", "direct")] == 1 + 7 + 1 + 18 + 1  # "four red cells in the top row"
+
+
+# -------------------------------------------------------------------------- evaluation
+
+
+class _ReferenceAdapter:
+    """Answers with the references, cut as greedy decoding cuts: at most max_new_tokens
+    tokens, a text answer being its words then <eos>. ``extra`` words are said after the
+    reference (a model that does not stop); ``wrong_tasks`` get a wrong first word."""
+
+    def __init__(self, extra: tuple[str, ...] = (), wrong_tasks: tuple[str, ...] = ()):
+        self.extra = list(extra)
+        self.wrong_tasks = wrong_tasks
+        self.budgets: dict[tuple[str, str], set[int]] = {}
+
+    def generate_images(self, examples, batch_size=256):
+        return [e.response_image for e in examples]
+
+    def generate_text(self, examples, max_new_tokens=8, batch_size=256):
+        replies = []
+        for e in examples:
+            self.budgets.setdefault((e.task, e.category), set()).add(max_new_tokens)
+            words = [*e.response_text.split(), *self.extra]
+            if e.task in self.wrong_tasks:
+                words[0] = "zero" if words[0] != "zero" else "one"
+            replies.append(" ".join(words[:max_new_tokens]))
+        return replies
+
+
+def test_evaluation_gives_long_answers_room_and_reports_new_headlines():
+    built = build_splits(WorldConfig(seed=2, **SMALL))
+    chosen = {"eval": built["eval"], "heldout": built["heldout"]}
+    adapter = _ReferenceAdapter()
+    results = evaluate_examples(adapter, chosen)
+    assert (
+        set(results["headline"])
+        == set(HEADLINE_GROUPS)
+        == {
+            "t2i_direct",
+            "understanding",
+            "text_facts",
+            "t2i_reasoning",
+            "transfer",
+            "caption",
+            "text_reasoning",
+        }
+    )
+    assert all(value == 1.0 for value in results["headline"].values()), results["headline"]
+    assert adapter.budgets[("caption", "caption")] == {17}  # 16 words + <eos>
+    assert adapter.budgets[("understanding", "attribute")] == {MIN_TEXT_STEPS}
+    assert max(adapter.budgets[("text_reasoning", "text_abductive")]) >= 14
+    assert "eval/caption/caption" in results["by_category"]
+    assert "| caption |" in accuracy_table(results)
+    # An answer that goes on after the reference is wrong, however long the reference.
+    talkative = evaluate_examples(_ReferenceAdapter(extra=("red",)), chosen)["headline"]
+    for name in ("understanding", "text_facts", "caption", "text_reasoning"):
+        assert talkative[name] == 0.0, name
+    assert talkative["t2i_direct"] == talkative["transfer"] == 1.0
+
+
+def test_caption_and_text_reasoning_headlines_are_their_own():
+    examples = build_splits(WorldConfig(seed=2, **SMALL))["eval"]
+    wrong_captions = _ReferenceAdapter(wrong_tasks=("caption",))
+    headline = evaluate_examples(wrong_captions, {"eval": examples})["headline"]
+    assert headline["caption"] == 0.0
+    assert headline["understanding"] == headline["text_facts"] == headline["text_reasoning"] == 1.0
+    wrong_reasoning = _ReferenceAdapter(wrong_tasks=("text_reasoning",))
+    headline = evaluate_examples(wrong_reasoning, {"eval": examples})["headline"]
+    assert headline["text_reasoning"] == 0.0
+    assert headline["text_facts"] == headline["caption"] == 1.0
+    assert text_step_budget(examples)[("text", "knowledge")] == MIN_TEXT_STEPS

@@ -5,6 +5,7 @@ measures whether text-side knowledge reaches image generation.
 """
 
 from unifyreg.toy.splits import (
+    PROBE_SETS,
     TRAINING_MIX,
     ObjectSplit,
     WorldConfig,
@@ -13,7 +14,11 @@ from unifyreg.toy.splits import (
     split_names,
 )
 from unifyreg.toy.tasks import (
+    CAPTION_CATEGORIES,
+    CAPTION_PROMPT,
     GENERATORS,
+    IMAGE_PROMPT_TASKS,
+    IMAGE_RESPONSE_TASKS,
     MMBENCH_CATEGORIES,
     NUMBER_WORDS,
     OBJECT_COLOURS,
@@ -22,7 +27,9 @@ from unifyreg.toy.tasks import (
     TASK_CATEGORIES,
     TASKS,
     TEXT_CATEGORIES,
+    TEXT_REASONING_CATEGORIES,
     Example,
+    caption_words,
     categories,
     generate,
     score_example,
@@ -47,18 +54,24 @@ from unifyreg.toy.world import (
 
 __all__ = [
     "BACKGROUND",
+    "CAPTION_CATEGORIES",
+    "CAPTION_PROMPT",
     "GENERATORS",
+    "IMAGE_PROMPT_TASKS",
+    "IMAGE_RESPONSE_TASKS",
     "MMBENCH_CATEGORIES",
     "NUMBER_WORDS",
     "OBJECTS",
     "OBJECT_COLOURS",
     "PALETTE",
     "PALETTE_RGB",
+    "PROBE_SETS",
     "SPECIAL_TOKENS",
     "T2I_CATEGORIES",
     "TASKS",
     "TASK_CATEGORIES",
     "TEXT_CATEGORIES",
+    "TEXT_REASONING_CATEGORIES",
     "TRAINING_MIX",
     "Example",
     "Grid",
@@ -67,6 +80,7 @@ __all__ = [
     "WorldConfig",
     "as_grid",
     "build_splits",
+    "caption_words",
     "categories",
     "format_grid",
     "generate",

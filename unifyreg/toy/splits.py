@@ -11,7 +11,8 @@ one split's size never changes another split:
 
 - ``pretrain``: ``n_pretrain`` examples mixed by :data:`TRAINING_MIX`: text knowledge
   (facts of **all** objects) and arithmetic, direct drawing, the six understanding
-  categories, and the four t2i reasoning categories, whose ``deductive`` prompts use only
+  categories, captions, the two text-reasoning categories (text_deductive over **all**
+  objects) and the four t2i reasoning categories, whose ``deductive`` prompts use only
   train-transfer objects. Every category gets at least one example; the list is shuffled.
 - ``finetune``: ``n_finetune`` examples, the same mix and object rule, other streams.
 - ``eval``: ``n_eval_per_category`` examples of every (task, category) of the training
@@ -20,8 +21,12 @@ one split's size never changes another split:
 - ``heldout``: ``n_heldout`` ``transfer``/``deductive`` examples, "the colour of OBJECT
   in PLACE", over held-out objects only.
 - ``probe/text/<category>`` for each of :data:`T2I_CATEGORIES` (text prompts, reference
-  grids) and ``probe/image/<category>`` for each of :data:`MMBENCH_CATEGORIES` (grid +
-  question, reference words): ``n_probe_per_category`` each, fixed, for the entropy probes.
+  grids) and of :data:`TEXT_REASONING_CATEGORIES` (text prompts, multi-word reference
+  answers), and ``probe/image/<category>`` for each of :data:`MMBENCH_CATEGORIES` (grid +
+  question, one reference word) and ``caption`` (grid + "read the image", G*G reference
+  words): ``n_probe_per_category`` each, fixed, for the entropy probes. The text
+  reasoning and caption sets give the response-level probe text responses as long as an
+  image; ``probe/text/*`` is therefore no longer image responses only.
 
 Why ``heldout`` measures transfer. Every ingredient of a held-out prompt is trained: the
 model reads "the colour of plum is" -> "purple" in text, draws purple into every place
@@ -31,6 +36,17 @@ objects. What it never sees is a held-out object's fact used inside a drawing: n
 held-out object. Drawing the right grid therefore requires the text-side knowledge to
 reach image generation; the gap between ``eval`` t2i/deductive accuracy (seen objects)
 and ``heldout`` accuracy (unseen combinations) is the failure to transfer.
+
+Text reasoning about held-out objects is trained on purpose. ``text_reasoning`` examples
+(``pretrain``, ``finetune``, ``eval``, probes) use every object, so the model does read
+"describe the colour of plum in the top row" -> "plum is purple so the top row is
+purple": the held-out combination is reasoned about in words, never drawn. That is the
+paper's situation (a UMM reasons in text, and the question is whether that reaches its
+images): ``heldout`` measures drawing what the model can already say. It gives the model
+more text-side help than a world without text reasoning, so a failure on ``heldout`` is
+all the more a failure to carry reasoning from text into images. The held-out rule is
+about drawing only, and it holds for every split: no ``t2i`` or ``transfer`` prompt
+outside ``heldout`` names a held-out object.
 """
 
 from __future__ import annotations
@@ -41,11 +57,13 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from unifyreg.toy.tasks import (
+    CAPTION_CATEGORIES,
     MMBENCH_CATEGORIES,
     OBJECT_COLOURS,
     OBJECTS,
     T2I_CATEGORIES,
     TEXT_CATEGORIES,
+    TEXT_REASONING_CATEGORIES,
     Example,
     categories,
     generate,
@@ -53,9 +71,12 @@ from unifyreg.toy.tasks import (
 from unifyreg.toy.world import MAX_GRID_SIZE
 
 __all__ = [
+    "CAPTION_CATEGORIES",
     "MMBENCH_CATEGORIES",
+    "PROBE_SETS",
     "T2I_CATEGORIES",
     "TEXT_CATEGORIES",
+    "TEXT_REASONING_CATEGORIES",
     "TRAINING_MIX",
     "ObjectSplit",
     "WorldConfig",
@@ -66,23 +87,37 @@ __all__ = [
 ]
 
 # Understanding gets the largest share: drawing and text facts are learnt within a few
-# hundred steps, reading random scenes takes the longest.
+# hundred steps, reading random scenes takes the longest. Captions and text reasoning
+# are kept small in examples: each carries 8-16 answer words against one, so their
+# share of the text-loss tokens is several times their share of examples.
 TRAINING_MIX: tuple[tuple[str, str, float], ...] = (
-    ("text", "knowledge", 0.06),
-    ("text", "arithmetic", 0.05),
-    ("t2i", "direct", 0.16),
+    ("text", "knowledge", 0.05),
+    ("text", "arithmetic", 0.03),
+    ("text_reasoning", "text_deductive", 0.02),
+    ("text_reasoning", "text_abductive", 0.02),
+    ("t2i", "direct", 0.15),
     ("t2i", "composition", 0.05),
-    ("t2i", "deductive", 0.06),
+    ("t2i", "deductive", 0.05),
     ("t2i", "inductive", 0.04),
     ("t2i", "abductive", 0.04),
-    ("understanding", "attribute", 0.09),
-    ("understanding", "logical", 0.09),
-    ("understanding", "relation", 0.09),
-    ("understanding", "coarse", 0.09),
-    ("understanding", "single_instance", 0.09),
-    ("understanding", "cross_instance", 0.09),
+    ("understanding", "attribute", 0.085),
+    ("understanding", "logical", 0.085),
+    ("understanding", "relation", 0.085),
+    ("understanding", "coarse", 0.085),
+    ("understanding", "single_instance", 0.085),
+    ("understanding", "cross_instance", 0.085),
+    ("caption", "caption", 0.04),
 )
 """(task, category, share) of the pretrain / finetune mix; shares sum to one."""
+
+PROBE_SETS: tuple[tuple[str, str, str], ...] = (
+    *(("text", "t2i", c) for c in T2I_CATEGORIES),
+    *(("text", "text_reasoning", c) for c in TEXT_REASONING_CATEGORIES),
+    *(("image", "understanding", c) for c in MMBENCH_CATEGORIES),
+    *(("image", "caption", c) for c in CAPTION_CATEGORIES),
+)
+"""(prompt modality, task, category) of every probe set, named ``probe/<modality>/<category>``:
+``text`` sets have text-only prompts, ``image`` sets a grid in the prompt."""
 
 _MAX_HELDOUT_FRACTION = 0.5
 
@@ -199,6 +234,8 @@ def _allocate(total: int) -> list[int]:
 
 
 def _objects_for(task: str, category: str, objects: ObjectSplit) -> tuple[str, ...]:
+    # Drawing tasks are the only ones the held-out rule restricts; text and
+    # text_reasoning use every object (see the module docstring).
     if task == "t2i":
         return objects.train_transfer
     if task == "transfer":
@@ -225,8 +262,7 @@ def split_names() -> tuple[str, ...]:
         "finetune",
         "eval",
         "heldout",
-        *(f"probe/text/{c}" for c in T2I_CATEGORIES),
-        *(f"probe/image/{c}" for c in MMBENCH_CATEGORIES),
+        *(f"probe/{modality}/{category}" for modality, _, category in PROBE_SETS),
     )
 
 
@@ -272,9 +308,7 @@ def _generate_splits(config: WorldConfig) -> dict[str, list[Example]]:
         size,
         objects.heldout,
     )
-    probes = [("text", "t2i", c) for c in T2I_CATEGORIES]
-    probes += [("image", "understanding", c) for c in MMBENCH_CATEGORIES]
-    for modality, task, category in probes:
+    for modality, task, category in PROBE_SETS:
         rng = _stream(config.seed, f"probe/{modality}/{category}")
         chosen = _objects_for(task, category, objects)
         splits[f"probe/{modality}/{category}"] = generate(

@@ -1,6 +1,6 @@
 """Examples, task generators and exact scorers of the synthetic world.
 
-Four tasks, each split into categories (:data:`TASK_CATEGORIES`):
+Six tasks, each split into categories (:data:`TASK_CATEGORIES`):
 
 - ``text``: text-only statements. ``knowledge`` ("what colour is grass" -> "green",
   "the colour of grass is" -> "green") and ``arithmetic`` ("two plus one is" -> "three").
@@ -27,6 +27,22 @@ Four tasks, each split into categories (:data:`TASK_CATEGORIES`):
 - ``transfer``: category ``deductive``, the same template as t2i/deductive. It is a task
   of its own so that the splits can give it only held-out objects, whose facts no
   training drawing prompt uses (see :mod:`unifyreg.toy.splits`).
+- ``caption``: category ``caption``, grid + "read the image" -> the G*G cell colours in
+  words, row by row ("red black ... blue", background cells as "black"): the exact twin
+  of direct text-to-image, one answer word per image token (16 words for 4x4).
+- ``text_reasoning``: text prompt -> a multi-word text answer that states the fact it
+  uses and what is drawn; the text twins of the t2i reasoning categories.
+  ``text_deductive``: "describe the colour of grass in the top row" -> "grass is green so
+  the top row is green". ``text_abductive``: "describe two plus one red cells in the top
+  row" -> "two plus one is three so three cells in the top row are red" (one cell: "...
+  so one cell in the top row is red"). The prompt is the t2i prompt behind "describe",
+  so no prompt asks for both a grid and words. Like ``text``, these are text, not
+  drawing: the splits let them mention every object, held-out ones included.
+
+Text answers therefore come in lengths comparable to an image (captions 16 words,
+reasoning answers 8-14 words against 16 image tokens) next to the one-word answers of
+``text`` and ``understanding``, so the response-level probe compares behaviour rather
+than token counts.
 
 Rows and columns are numbered from one ("row one" is the top row); "top row", "bottom
 row", "left column" and "right column" are aliases. Every prompt has exactly one correct
@@ -45,8 +61,14 @@ import numpy as np
 
 from unifyreg.toy.world import BACKGROUND, PALETTE, Grid, as_grid, check_grid_size, make_grid
 
-TASKS: tuple[str, ...] = ("text", "t2i", "understanding", "transfer")
+TASKS: tuple[str, ...] = ("text", "t2i", "understanding", "transfer", "caption", "text_reasoning")
 """Every task name."""
+
+IMAGE_PROMPT_TASKS: tuple[str, ...] = ("understanding", "caption")
+"""Tasks whose prompt carries a grid (and only these)."""
+
+IMAGE_RESPONSE_TASKS: tuple[str, ...] = ("t2i", "transfer")
+"""Tasks that answer with a grid; every other task answers with words."""
 
 TEXT_CATEGORIES: tuple[str, ...] = ("knowledge", "arithmetic")
 """Categories of the text-only task."""
@@ -64,13 +86,22 @@ MMBENCH_CATEGORIES: tuple[str, ...] = (
 )
 """Understanding categories mirroring MMBench."""
 
+CAPTION_CATEGORIES: tuple[str, ...] = ("caption",)
+"""Categories of the caption task (grid -> its cells in words)."""
+
+TEXT_REASONING_CATEGORIES: tuple[str, ...] = ("text_deductive", "text_abductive")
+"""Categories of the text-reasoning task: text twins of t2i deductive / abductive."""
+
 TASK_CATEGORIES: dict[str, tuple[str, ...]] = {
     "text": TEXT_CATEGORIES,
     "t2i": ("direct", *T2I_CATEGORIES),
     "understanding": MMBENCH_CATEGORIES,
     "transfer": ("deductive",),
+    "caption": CAPTION_CATEGORIES,
+    "text_reasoning": TEXT_REASONING_CATEGORIES,
 }
-"""Valid categories of each task."""
+"""Valid categories of each task. Category names are unique across tasks except
+``deductive`` (t2i and transfer), so a probe set can be named by its category alone."""
 
 OBJECT_COLOURS: dict[str, str] = {
     "blood": "red",
@@ -120,8 +151,11 @@ _TEMPLATE_WORDS: tuple[str, ...] = (
     "what", "colour", "is", "the", "of", "in", "plus", "minus", "and", "cell", "cells",
     "repeated", "checkerboard", "there", "anything", "nothing", "shown", "which", "most",
     "least", "common", "east", "west", "yes", "no", "top", "bottom", "left", "right", "row",
-    "column",
+    "column", "read", "image", "describe", "so", "are",
 )  # fmt: skip
+
+CAPTION_PROMPT = "read the image"
+"""The fixed question of every caption example."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -180,8 +214,9 @@ class Example:
     """One example of the world: a prompt (text, plus a grid for understanding) and its answer.
 
     ``task`` / ``category`` name its generator (see :data:`TASK_CATEGORIES`). ``t2i`` and
-    ``transfer`` examples answer with ``response_image``; ``text`` and ``understanding``
-    with ``response_text``; only ``understanding`` has a ``prompt_image``. Grids are stored
+    ``transfer`` examples answer with ``response_image``; every other task (``text``,
+    ``understanding``, ``caption``, ``text_reasoning``) with ``response_text``; only
+    ``understanding`` and ``caption`` have a ``prompt_image``. Grids are stored
     as read-only int64 arrays; equality and hashing compare their cells, so examples can
     be put in sets. ``meta`` holds generator details (e.g. ``{"object": "grass"}``); it
     takes part in equality but not in the hash.
@@ -202,13 +237,16 @@ class Example:
         object.__setattr__(self, "prompt_image", _frozen_grid(self.prompt_image))
         object.__setattr__(self, "response_image", _frozen_grid(self.response_image))
         object.__setattr__(self, "meta", dict(self.meta))
-        wants_image = self.task in ("t2i", "transfer")
+        wants_image = self.task in IMAGE_RESPONSE_TASKS
         if wants_image and (self.response_image is None or self.response_text is not None):
             raise ValueError(f"a {self.task!r} example needs response_image and no response_text")
         if not wants_image and (self.response_text is None or self.response_image is not None):
             raise ValueError(f"a {self.task!r} example needs response_text and no response_image")
-        if (self.prompt_image is not None) != (self.task == "understanding"):
-            raise ValueError("prompt_image is required for 'understanding' and only there")
+        if (self.prompt_image is not None) != (self.task in IMAGE_PROMPT_TASKS):
+            raise ValueError(
+                f"prompt_image is required for {' and '.join(map(repr, IMAGE_PROMPT_TASKS))} "
+                "and only there"
+            )
 
     @property
     def answers_with_image(self) -> bool:
@@ -289,10 +327,15 @@ def score_image(pred: Grid | None, ref: Grid) -> bool:
 
 
 def score_text(pred: str | None, ref: str) -> bool:
-    """True iff ``pred`` equals ``ref`` after strip and lower-casing; None is False."""
+    """True iff ``pred`` has exactly ``ref``'s words, in order, after lower-casing.
+
+    Whitespace between words is not compared (runs of spaces or a trailing newline are
+    ignored); every word is: a multi-word answer with one word wrong, missing or extra
+    scores False. None is False.
+    """
     if pred is None:
         return False
-    return pred.strip().lower() == ref.strip().lower()
+    return pred.lower().split() == ref.lower().split()
 
 
 def score_example(
@@ -687,6 +730,59 @@ def _cross_instance(rng: random.Random, grid_size: int, objects: Sequence[str]) 
     )
 
 
+# ------------------------------------------------------------------ caption generator
+
+
+def caption_words(grid: Any) -> str:
+    """The caption of ``grid``: its cells' colour names in raster order (row by row, left
+    to right), background cells as ``"black"``, joined by single spaces; G*G words."""
+    cells = as_grid(grid)
+    return " ".join(PALETTE[int(v)] for v in cells.flatten())
+
+
+def _caption(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    grid = _random_scene(rng, grid_size)
+    return Example(
+        "caption",
+        "caption",
+        CAPTION_PROMPT,
+        prompt_image=grid,
+        response_text=caption_words(grid),
+    )
+
+
+# ---------------------------------------------------------- text-reasoning generators
+
+
+def _text_deductive(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    name = rng.choice(objects)
+    colour = OBJECT_COLOURS[name]
+    place = rng.choice(line_places(grid_size) + cell_places(grid_size))
+    return Example(
+        "text_reasoning",
+        "text_deductive",
+        f"describe the colour of {name} in {place.name_after_in}",
+        response_text=f"{name} is {colour} so {place.name_after_in} is {colour}",
+        meta={"object": name, "colour": colour, "place": place.name},
+    )
+
+
+def _text_abductive(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    operator, a, b, count = _pick_fact(rng, 1, grid_size)
+    colour = rng.choice(DRAW_COLOURS)
+    place = rng.choice(line_places(grid_size))
+    fact = f"{NUMBER_WORDS[a]} {operator} {NUMBER_WORDS[b]}"
+    verb = "is" if count == 1 else "are"
+    drawn = f"{NUMBER_WORDS[count]} {_cell_word(count)} in {place.name_after_in} {verb} {colour}"
+    return Example(
+        "text_reasoning",
+        "text_abductive",
+        f"describe {fact} {colour} cells in {place.name_after_in}",
+        response_text=f"{fact} is {NUMBER_WORDS[count]} so {drawn}",
+        meta={"operator": operator, "a": a, "b": b, "count": count, "place": place.name},
+    )
+
+
 # ---------------------------------------------------------------------------- dispatcher
 
 GENERATORS: dict[tuple[str, str], Generator] = {
@@ -704,6 +800,9 @@ GENERATORS: dict[tuple[str, str], Generator] = {
     ("understanding", "single_instance"): _single_instance,
     ("understanding", "cross_instance"): _cross_instance,
     ("transfer", "deductive"): _transfer,
+    ("caption", "caption"): _caption,
+    ("text_reasoning", "text_deductive"): _text_deductive,
+    ("text_reasoning", "text_abductive"): _text_abductive,
 }
 """One example generator per (task, category): ``fn(rng, grid_size, objects) -> Example``."""
 
@@ -719,9 +818,9 @@ def generate(
     """Return ``n`` examples of ``(task, category)``, deterministic in ``seed``.
 
     ``seed`` may be an int or str (a fresh ``random.Random(seed)``) or a ``random.Random``
-    to draw from. ``objects`` restricts which objects knowledge / deductive / transfer
-    examples may mention (default: all). Raises ValueError for an unknown task, category
-    or object, a bad grid size or a negative ``n``.
+    to draw from. ``objects`` restricts which objects knowledge / deductive / transfer /
+    text_deductive examples may mention (default: all). Raises ValueError for an unknown
+    task, category or object, a bad grid size or a negative ``n``.
     """
     check_category(task, category)
     size = check_grid_size(grid_size)
