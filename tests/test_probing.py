@@ -24,16 +24,27 @@ def test_each_quantity_gets_the_right_samples(tiny_adapter, probe_examples, tiny
     result = run_probe(tiny_adapter, probe_examples, ProbeConfig(batch_size=7))
     n_text = sum(len(v) for k, v in tiny_splits.items() if k.startswith("probe/text/"))
     n_image = sum(len(v) for k, v in tiny_splits.items() if k.startswith("probe/image/"))
+    n_drawn = sum(e.answers_with_image for e in probe_examples)  # t2i grids
     counts = {q: len(r) for q, r in result.records.items()}
     assert counts == {
         "encoding/text": n_text,
         "encoding/image": n_image,
-        "response/text": n_image,  # understanding answers
-        "response/image": n_text,  # t2i grids
+        # understanding and caption answers, and the text-reasoning answers
+        "response/text": len(probe_examples) - n_drawn,
+        "response/image": n_drawn,
     }
+    assert n_drawn < n_text  # probe/text/ also holds text-reasoning prompts
     assert result.layers == tuple(range(tiny_adapter.num_layers + 1))
     stats = result.stats("encoding/text")
-    assert set(stats) == {"composition", "deductive", "inductive", "abductive", "all"}
+    assert set(stats) == {
+        "composition",
+        "deductive",
+        "inductive",
+        "abductive",
+        "text_deductive",
+        "text_abductive",
+        "all",
+    }
     assert stats["all"]["count"] == n_text and len(stats["all"]["mean"]) == len(result.layers)
     assert tiny_adapter.model.training  # mode restored
 
@@ -102,7 +113,7 @@ def test_scores_follow_their_definitions(tiny_adapter, probe_examples):
 
 
 def test_missing_modality_leaves_scores_out_with_a_warning(tiny_adapter, probe_examples):
-    text_only = [e for e in probe_examples if e.task != "understanding"]
+    text_only = [e for e in probe_examples if e.answers_with_image]  # no text response
     result = run_probe(tiny_adapter, text_only, ProbeConfig())
     with pytest.warns(UserWarning, match="encoding_gap"):
         scores = result.scores()
@@ -143,7 +154,7 @@ def test_files_round_trip_and_tables(tiny_adapter, probe_examples, tmp_path):
     table = paths["table_md"].read_text()
     assert table.startswith("| layer | text:abductive") and "image:single_instance" in table
     header = paths["table_csv"].read_text().splitlines()[0].split(",")
-    assert header[0] == "layer" and len(header) == 1 + 4 + 6
+    assert header[0] == "layer" and len(header) == 1 + 6 + 7  # text / image categories
     assert paths["stats_csv"].read_text().startswith("quantity,category,layer,mean")
     for key in ("encoding_figure", "response_figure"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
