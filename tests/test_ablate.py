@@ -70,7 +70,7 @@ def test_the_response_split_verdict_pairs_distances_from_zero_per_seed():
 def test_one_seed_gives_no_verdict():
     records = [_record("baseline", 0, 0.3, 0.1), _record("ctx", 0, 0.2, 0.1)]
     report = render_report(aggregate(records, ["baseline", "ctx"]), AblateConfig(seeds=[0]))
-    assert "one seed: no spread, no verdict" in report
+    assert "one pair: no spread, no verdict" in report
 
 
 def test_tiny_ablation_end_to_end_and_rerun_skips_finished_runs(
@@ -99,11 +99,13 @@ def test_tiny_ablation_end_to_end_and_rerun_skips_finished_runs(
         "understanding",
         "text_facts",
         "t2i_reasoning",
+        "caption",
+        "text_reasoning",
         "transfer",
     }
     assert set(results["arms"]) == {"baseline", "ctx+div"}
     report = (tmp_path / "report.md").read_text()
-    assert "## Mean ± std over seeds" in report and "- **ctx+div**:" in report
+    assert "## Mean ± 95% interval over runs" in report and "- **ctx+div**:" in report
     for name in ("trajectories.png", "scores.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     # The regularized arm really trained with both terms.

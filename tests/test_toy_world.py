@@ -228,6 +228,12 @@ def check_reference(example: Example, size: int) -> None:
         assert example.response_text == solve_caption(example)
     elif example.task == "text_reasoning":
         assert example.response_text == solve_text_reasoning(example, size), example.prompt_text
+    elif example.task == "reconstruction":
+        # The whole drawing is the answer; half of it (rounded down) is hidden in the prompt.
+        assert score_image(example.prompt_image, example.response_image)
+        hidden = example.meta["hidden_cells"]
+        assert len(hidden) == size * size // 2 and len({tuple(c) for c in hidden}) == len(hidden)
+        assert example.response_image.any()  # a drawing, never an empty grid
     else:
         assert example.task == "understanding", example.task
         answer = solve_understanding(example)
@@ -396,6 +402,8 @@ def test_answers_are_not_degenerate(splits):
         if task == "transfer":
             continue
         examples = [e for e in splits["eval"] if (e.task, e.category) == (task, category)]
+        if task == "reconstruction":  # not in the eval split: generated here
+            examples = generate(task, category, 20, seed=3)
         answers = {
             e.response_text if e.response_text else e.response_image.tobytes() for e in examples
         }
@@ -476,7 +484,10 @@ def test_splits_have_the_configured_sizes(splits, config):
 
 def test_every_split_covers_its_categories(splits):
     training = {(task, category) for task, category, _ in TRAINING_MIX}
-    assert training == {tc for tc in ALL_TASK_CATEGORIES if tc[0] != "transfer"}
+    # transfer is held out; reconstruction only enters through the RecA-style variant
+    assert training == {
+        tc for tc in ALL_TASK_CATEGORIES if tc[0] not in ("transfer", "reconstruction")
+    }
     for name in ("pretrain", "finetune", "eval"):
         assert {(e.task, e.category) for e in splits[name]} == training, name
     assert {(e.task, e.category) for e in splits["heldout"]} == {("transfer", "deductive")}
@@ -604,17 +615,18 @@ def test_world_config_rejects_bad_fields_naming_them(field: str, value):
 
 
 def test_tokenizer_layout(tokenizer):
-    assert [tokenizer.id_to_token(i) for i in range(6)] == list(SPECIAL_TOKENS)
+    assert [tokenizer.id_to_token(i) for i in range(7)] == list(SPECIAL_TOKENS)
     assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
     assert (tokenizer.boi_id, tokenizer.eoi_id, tokenizer.sep_id) == (3, 4, 5)
-    assert tokenizer.image_token_ids == list(range(6, 6 + len(PALETTE)))
+    assert tokenizer.mask_id == 6 and tokenizer.id_to_token(6) == "<mask>"
+    assert tokenizer.image_token_ids == list(range(7, 7 + len(PALETTE)))
     assert [tokenizer.id_to_token(i) for i in tokenizer.image_token_ids[:2]] == [
         "<img_black>",
         "<img_red>",
     ]
-    words = [tokenizer.id_to_token(i) for i in range(6 + len(PALETTE), tokenizer.vocab_size)]
+    words = [tokenizer.id_to_token(i) for i in range(7 + len(PALETTE), tokenizer.vocab_size)]
     assert words == sorted(words) and words == list(tokenizer.words)
-    assert tokenizer.is_image_token(6) and not tokenizer.is_image_token(5)
+    assert tokenizer.is_image_token(7) and not tokenizer.is_image_token(6)
     assert not tokenizer.is_image_token(tokenizer.encode_text("red")[0])
     assert tokenizer.vocab_size < 120
     assert WordTokenizer(["b", "a", "b"]).words == ("a", "b")

@@ -33,6 +33,7 @@ from unifyreg.toy.splits import WorldConfig
 __all__ = [
     "AblateConfig",
     "ArmConfig",
+    "BaseSpec",
     "ConfigError",
     "EvalConfig",
     "FinetuneConfig",
@@ -309,17 +310,71 @@ def _prefixed(message: str, cls: type, prefix: str) -> str:
 
 
 @dataclass
+class LossConfig(Section):
+    """The contextual-prediction regularizer: ``L = L_task + w_ctx L_ctx + w_div L_div``.
+
+    - ``w_ctx``, ``w_div``: weights (>= 0; 0 switches a term off);
+    - ``ctx_mode``: ``causal`` (masked inputs, next-token targets: any adapter) or
+      ``bidirectional`` (masked prediction with image tokens attending within their image:
+      the contextual objective as a regularizer; adapters that take masked prediction);
+    - ``mask_ratio``: share of image-response inputs replaced by the mask embedding in
+      ``L_ctx``'s causal mode, in [0, 1) (the bidirectional mode draws a cosine-schedule
+      share per image);
+    - ``ctx_row_fraction``: ``L_ctx`` runs on at most ``ceil(ctx_row_fraction * B)`` of
+      the batch's rows that hold image responses, drawn each step, in (0, 1];
+    - ``div_alpha``: Renyi order of ``L_div`` (2 = Frobenius, no eigendecomposition);
+    - ``div_layers``: layers ``L_div`` compares (empty = all; 0 = input embeddings);
+    - ``div_parts``: which trajectories ``L_div`` aligns: ``encoding`` (text vs image
+      prompt entropy), ``response`` (text vs image response proxy);
+    - ``div_bandwidth``: ``median_differentiable`` (default: the median bandwidth keeps
+      its gradient, so rescaling hidden states cannot game the loss) or ``median``
+      (detached, as the paper's probe; measured to make Adam *raise* ``L_div``);
+    - ``div_dtype``: precision of ``L_div``'s estimator, ``float32`` (default: alpha = 2
+      needs no eigendecomposition, and float32 stays within 1e-4 relative of float64,
+      tested) or ``float64``;
+    - ``warmup_steps``: weights ramp linearly from 0 over this many steps.
+    """
+
+    _prefix = "loss"
+    w_ctx: float = 0.0
+    w_div: float = 0.0
+    ctx_mode: Literal["causal", "bidirectional"] = "causal"
+    mask_ratio: float = 0.5
+    ctx_row_fraction: float = 0.125
+    div_alpha: float = 2.0
+    div_layers: list[int] = field(default_factory=list)
+    div_parts: list[Literal["encoding", "response"]] = field(
+        default_factory=lambda: ["encoding", "response"]
+    )
+    div_dtype: Literal["float32", "float64"] = "float32"
+    div_bandwidth: Literal["median_differentiable", "median"] = "median_differentiable"
+    warmup_steps: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any regularizer term is on."""
+        return self.w_ctx > 0 or self.w_div > 0
+
+
+@dataclass
 class PretrainToyConfig(Section):
     """``unifyreg pretrain-toy``: train the toy base from scratch and cache it.
 
-    The cache directory is ``cache_dir/toy-base-<key>`` (:func:`unifyreg.toy.base.cache_key`:
-    the world, the model, the sequence layout, ``optim``, ``max_steps``, ``batch_size``,
-    ``seed``); a second call with the same values reuses it (``force=true`` retrains).
+    ``objective``: the image objective, ``ar`` (next-token) or ``contextual`` (masked
+    image tokens predicted with bidirectional attention within the image; MaskGIT
+    decoding); see :mod:`unifyreg.adapters.toy`. ``loss``: the regularizer, also during
+    pre-training (all weights 0 by default). The cache directory is
+    ``cache_dir/toy-base-<key>`` (:func:`unifyreg.toy.base.cache_key`: the world, the
+    model, the objective, the loss, the sequence layout, ``optim``, ``max_steps``,
+    ``batch_size``, ``seed``); a second call with the same values reuses it
+    (``force=true`` retrains).
     """
 
     _prefix = "pretrain"
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
+    objective: Literal["ar", "contextual"] = "ar"
+    loss: LossConfig = field(default_factory=LossConfig)
     # 1e-3 and above never learned single-cell reading in 3000 steps; 5e-4 did (README).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
     max_steps: int = 2700
@@ -339,12 +394,14 @@ class EvalConfig(Section):
 
     ``model_path`` empty means the toy base of the ``pretrain`` section (built first if
     it is not cached). ``splits`` are names from :func:`unifyreg.toy.build_splits`.
+    ``decode_steps``: MaskGIT steps of a contextual model's drawings (0: the model's own).
     """
 
     model_path: str = ""
     pretrain: PretrainToyConfig = field(default_factory=PretrainToyConfig)
     splits: list[str] = field(default_factory=lambda: ["eval", "heldout"])
     batch_size: int = 256
+    decode_steps: int = 0
     output: str = "runs/eval/eval.json"
 
 
@@ -426,53 +483,13 @@ class LoraSettings(Section):
 
 
 @dataclass
-class LossConfig(Section):
-    """The contextual-prediction regularizer: ``L = L_task + w_ctx L_ctx + w_div L_div``.
-
-    - ``w_ctx``, ``w_div``: weights (>= 0; 0 switches a term off);
-    - ``mask_ratio``: share of image-response inputs replaced by the mask embedding in
-      ``L_ctx``, in [0, 1);
-    - ``ctx_row_fraction``: ``L_ctx`` runs on at most ``ceil(ctx_row_fraction * B)`` of
-      the batch's rows that hold image responses, drawn each step, in (0, 1];
-    - ``div_alpha``: Renyi order of ``L_div`` (2 = Frobenius, no eigendecomposition);
-    - ``div_layers``: layers ``L_div`` compares (empty = all; 0 = input embeddings);
-    - ``div_parts``: which trajectories ``L_div`` aligns: ``encoding`` (text vs image
-      prompt entropy), ``response`` (text vs image response proxy);
-    - ``div_bandwidth``: ``median_differentiable`` (default: the median bandwidth keeps
-      its gradient, so rescaling hidden states cannot game the loss) or ``median``
-      (detached, as the paper's probe; measured to make Adam *raise* ``L_div``);
-    - ``div_dtype``: precision of ``L_div``'s estimator, ``float32`` (default: alpha = 2
-      needs no eigendecomposition, and float32 stays within 1e-4 relative of float64,
-      tested) or ``float64``;
-    - ``warmup_steps``: weights ramp linearly from 0 over this many steps.
-    """
-
-    _prefix = "loss"
-    w_ctx: float = 0.0
-    w_div: float = 0.0
-    mask_ratio: float = 0.5
-    ctx_row_fraction: float = 0.125
-    div_alpha: float = 2.0
-    div_layers: list[int] = field(default_factory=list)
-    div_parts: list[Literal["encoding", "response"]] = field(
-        default_factory=lambda: ["encoding", "response"]
-    )
-    div_dtype: Literal["float32", "float64"] = "float32"
-    div_bandwidth: Literal["median_differentiable", "median"] = "median_differentiable"
-    warmup_steps: int = 0
-
-    @property
-    def active(self) -> bool:
-        """Whether any regularizer term is on."""
-        return self.w_ctx > 0 or self.w_div > 0
-
-
-@dataclass
 class FinetuneConfig(Section):
     """``unifyreg finetune``: fine-tune an adapter (LoRA by default) with per-epoch probes.
 
     ``data`` is an example source (``"toy"``: the world's ``finetune`` split), a JSONL
-    manifest of training examples, or empty for the adapter's default; ``probe_set``
+    manifest of training examples, or empty for the adapter's default; ``data_variant``
+    transforms the training examples of a source that has variants (the toy:
+    ``reca``, ``reason_then_draw``; :mod:`unifyreg.toy.variants`); ``probe_set``
     likewise (``"toy"``: the world's probe sets). ``resume`` is ``""`` (start fresh),
     ``"last"`` (``run_dir/checkpoints/last.ckpt`` when it exists) or a checkpoint path.
     ``loggers`` is a subset of ``csv``, ``tensorboard``. ``probe_figures``: when the
@@ -484,6 +501,7 @@ class FinetuneConfig(Section):
     model: ModelSource = field(default_factory=ModelSource)
     pretrain: PretrainToyConfig = field(default_factory=PretrainToyConfig)
     data: str = ""
+    data_variant: Literal["", "reca", "reason_then_draw"] = ""
     lora: LoraSettings = field(default_factory=LoraSettings)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
@@ -515,12 +533,26 @@ class FinetuneConfig(Section):
 
 @dataclass
 class ArmConfig(Section):
-    """One arm of an ablation: a name and the two regularizer weights."""
+    """One arm of an ablation: a name, the two regularizer weights, and optionally the
+    ``L_ctx`` mode and a training-data variant ("" = the ``finetune`` section's)."""
 
     _prefix = "arms"
     name: str = "baseline"
     w_ctx: float = 0.0
     w_div: float = 0.0
+    ctx_mode: Literal["", "causal", "bidirectional"] = ""
+    data_variant: Literal["", "reca", "reason_then_draw"] = ""
+
+
+@dataclass
+class BaseSpec(Section):
+    """One base of an ablation: a name, the toy base's image ``objective`` and
+    pre-training ``seed`` (the rest of ``finetune.pretrain`` is shared)."""
+
+    _prefix = "bases"
+    name: str = "ar-0"
+    objective: Literal["ar", "contextual"] = "ar"
+    seed: int = 0
 
 
 def _default_arms() -> list[ArmConfig]:
@@ -554,16 +586,20 @@ class SweepConfig(Section):
 
 @dataclass
 class AblateConfig(Section):
-    """``unifyreg ablate``: every arm x seed fine-tuned from the same base, same data and
+    """``unifyreg ablate``: every arm x base x seed fine-tuned with the same data and
     steps (``finetune.*``), probed every epoch and at the end, scored exactly on the toy.
 
-    Each run lives in ``output_dir/runs/<arm>/seed_<s>``; a finished run (``done.json``)
-    is skipped on a re-run, an interrupted one resumes from its ``last.ckpt``.
+    ``bases`` lists toy bases (objective, pre-training seed) as a factor; empty = the one
+    base of ``finetune``'s ``model``/``pretrain``. Each run lives in
+    ``output_dir/runs/<arm>/<base>/seed_<s>`` (``runs/<arm>/seed_<s>`` without bases); a
+    finished run (``done.json``) is skipped on a re-run, an interrupted one resumes from its
+    ``last.ckpt``. Differences to the baseline arm are paired by (base, seed).
     """
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     arms: list[ArmConfig] = field(default_factory=_default_arms)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    bases: list[BaseSpec] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     output_dir: str = "runs/ablate/toy"
     eval_splits: list[str] = field(default_factory=lambda: ["eval", "heldout"])
@@ -576,6 +612,10 @@ class AblateConfig(Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"arms: duplicate arm name(s) {duplicates}")
+        bases = [base.name for base in self.bases]
+        duplicates = sorted({n for n in bases if bases.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"bases: duplicate base name(s) {duplicates}")
 
     def all_arms(self) -> list[ArmConfig]:
         """The configured arms followed by the sweep's."""
@@ -604,6 +644,7 @@ RANGE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (PretrainToyConfig, "eval_batch_size"): AT_LEAST_ONE,
     (PretrainToyConfig, "checkpoint_every_n_steps"): AT_LEAST_ONE,
     (EvalConfig, "batch_size"): AT_LEAST_ONE,
+    (EvalConfig, "decode_steps"): COUNT,
     (EvalConfig, "splits"): _non_empty,
     (LoraSettings, "r"): AT_LEAST_ONE,
     (LoraSettings, "alpha"): Range(0, low_open=True, integer=True),
@@ -621,6 +662,8 @@ RANGE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (FinetuneConfig, "every_n_epochs"): AT_LEAST_ONE,
     (FinetuneConfig, "devices"): AT_LEAST_ONE,
     (ArmConfig, "name"): _arm_name,
+    (BaseSpec, "name"): _arm_name,
+    (BaseSpec, "seed"): COUNT,
     (ArmConfig, "w_ctx"): NON_NEGATIVE,
     (ArmConfig, "w_div"): NON_NEGATIVE,
     (SweepConfig, "values"): _each(NON_NEGATIVE),

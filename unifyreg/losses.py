@@ -4,17 +4,27 @@
 (``loss/task``, ``loss/ctx``, ``loss/div``), with weights ramped linearly over
 ``warmup_steps``: ``w(t) = w * min(1, t / warmup_steps)``.
 
-**Contextual prediction** ``L_ctx`` — the image-side twin of next-token prediction. A
-random subset of the image-response *inputs* (each position with probability
-``mask_ratio``) is replaced by one learned mask embedding ``m``, then every image token is
-still predicted through the model's own image head:
+**Contextual prediction** ``L_ctx`` — the image-side twin of next-token prediction, in
+one of two modes (``ctx_mode``):
 
-    L_ctx = mean_{t in image targets} CE(head(h_{t-1}(x~)), x_t),
-    x~_s = m if s is an image-response position drawn for masking, else x_s.
+- ``bidirectional`` (Harmon's mechanism, Show-o's discrete form): per image, a
+  cosine-schedule share ``cos(pi/2 * u)`` of the response-image inputs (``u ~ U(0, 1)``, at
+  least one) is replaced by one learned mask embedding ``m``; image tokens attend to every
+  token of their image (the seam's masked prediction: ``masked_positions``, omni
+  attention) and the masked tokens are predicted at their own positions from the prompt
+  and the visible image tokens:
 
-A causal model can no longer copy its previous image tokens where they are masked, so it
-must lean on the prompt and on the visible context: prediction from context, as Harmon's
-masked autoregression does.
+      L_ctx = mean_{t masked} CE(head(h_t(x~)), x_t);
+
+  needs an adapter that takes masked prediction (``supports_masked_prediction``: the toy);
+- ``causal`` (a stand-in for models that cannot take a 4-D mask): each image-response
+  input position is replaced by ``m`` with probability ``mask_ratio`` and every image
+  token is still predicted next-token:
+
+      L_ctx = mean_{t in image targets} CE(head(h_{t-1}(x~)), x_t),
+
+  so a causal model cannot copy its previous image tokens where they are masked and must
+  lean on the prompt and the visible context.
 
 ``L_ctx`` costs a second forward and backward pass, so it runs on a sub-batch: only rows
 that hold image-response tokens (the others would contribute nothing), at most
@@ -45,7 +55,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from unifyreg.adapters.base import Adapter, ForwardOutput
+from unifyreg.adapters.base import Adapter, ForwardOutput, cosine_masked_positions
 from unifyreg.config import LossConfig
 from unifyreg.quantities import PAIRS, batch_quantities
 from unifyreg.roles import Role
@@ -167,10 +177,22 @@ class ContextualPredictionLoss(nn.Module):
         if sub_batch is None:
             zero = self.mask_embedding.new_zeros(())
             return zero, torch.zeros((), dtype=torch.long)
-        batch = sub_batch
+        batch = dict(sub_batch)
         roles = batch["roles"]
-        draw = torch.rand(roles.shape, generator=self._generator)
-        masked = (roles == int(Role.IMAGE_RESPONSE)) & (draw < self.config.mask_ratio)
+        if self.config.ctx_mode == "bidirectional":
+            if not getattr(adapter, "supports_masked_prediction", False):
+                raise ValueError(
+                    f"loss.ctx_mode=bidirectional needs an adapter that takes masked "
+                    f"prediction (a 4-D attention mask); {adapter.name!r} does not: use "
+                    "loss.ctx_mode=causal"
+                )
+            masked = cosine_masked_positions(roles.cpu(), generator=self._generator)
+            batch["masked_positions"] = masked.to(roles.device)
+        else:
+            # Next-token targets: a family objective's own masking does not apply here.
+            batch.pop("masked_positions", None)
+            draw = torch.rand(roles.shape, generator=self._generator)
+            masked = (roles.cpu() == int(Role.IMAGE_RESPONSE)) & (draw < self.config.mask_ratio)
 
         def hook(embeds: Tensor, _batch: dict) -> Tensor:
             where = masked.to(embeds.device).unsqueeze(-1)

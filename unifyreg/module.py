@@ -118,6 +118,7 @@ class UMMModule(L.LightningModule):
             )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        batch = self.adapter.training_batch(batch)  # the family's own objective (masking)
         want_hidden = self.hidden_states_for_terms and bool(self.loss_terms)
         out = self.adapter.forward(batch, output_hidden_states=want_hidden)
         loss = out.task_loss

@@ -72,6 +72,7 @@ __all__ = [
     "ForwardOutput",
     "LayerStack",
     "capture_hidden_states",
+    "cosine_masked_positions",
     "model_attention_mask",
     "omni_attention_mask",
 ]
@@ -299,6 +300,25 @@ def omni_attention_mask(
     allowed = (causal[None] | same_image) & attention_mask.bool()[:, None, :]
     mask = torch.zeros((batch, 1, length, length), dtype=dtype, device=device)
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def cosine_masked_positions(
+    roles: Tensor, role: int = 5, generator: torch.Generator | None = None
+) -> Tensor:
+    """``[B, S]`` bool: for each row, a random subset of its ``role`` positions (default
+    IMAGE_RESPONSE) of size ``max(1, ceil(r * n))`` with ``r = cos(pi/2 * u)``,
+    ``u ~ U(0, 1)`` drawn per row (MaskGIT's cosine schedule; rows without such a position
+    get none). Draws from ``generator`` (None: the global torch generator)."""
+    candidates = roles == role
+    counts = candidates.sum(dim=1)
+    u = torch.rand(roles.shape[0], generator=generator)
+    ratio = torch.cos(0.5 * torch.pi * u).to(roles.device)
+    wanted = torch.ceil(ratio * counts).clamp_min(1).minimum(counts)
+    # Random keys for candidates (others last): the `wanted` smallest per row are masked.
+    keys = torch.rand(roles.shape, generator=generator).to(roles.device)
+    keys = torch.where(candidates, keys, torch.full_like(keys, 2.0))
+    rank = keys.argsort(dim=1).argsort(dim=1)
+    return candidates & (rank < wanted[:, None])
 
 
 def model_attention_mask(

@@ -4,27 +4,48 @@ Sequence layout (one example, right-padded in training batches):
 
 - text / understanding: ``<bos> prompt [<boi> image-prompt <eoi>] <sep> answer <eos>``
 - t2i / transfer:       ``<bos> prompt <sep> <boi> image-response <eoi> <eos>``
+- reason, then draw:    ``<bos> prompt <sep> reasoning <boi> image-response <eoi> <eos>``
+  (an example with both a text and an image response: the text is written first)
 
 The question comes before the image it is about (layout version 2): every image token can
 then attend to the question, so a small model learns to read single cells (measured with
 the default pretrain config: understanding 100% with this layout against 47-65% with the
-image first; see the README's toy-model section). Changing the layout changes
-:data:`LAYOUT_VERSION`, which is part of the toy-base cache key.
+image first; see the README's toy-model section). Changing the layout or the vocabulary
+changes :data:`~unifyreg.toy.model.LAYOUT_VERSION`, part of the toy-base cache key.
 
 Roles: ``<bos> <sep> <boi> <eoi> <eos>`` are SPECIAL; prompt words TEXT_PROMPT; prompt
-image tokens IMAGE_PROMPT; answer words TEXT_RESPONSE; generated grid tokens
-IMAGE_RESPONSE. Image generation is next-token prediction over image tokens (as Emu3).
+image tokens IMAGE_PROMPT; answer (and reasoning) words TEXT_RESPONSE; grid tokens of the
+response IMAGE_RESPONSE. Cells listed in an example's ``meta["hidden_cells"]`` are fed as
+``<mask>`` in a prompt image (a partial view).
 
-Losses (teacher-forced, next-token cross-entropy over the full vocabulary): the text loss
-covers the answer words and the ``<eos>`` that ends them (generation must learn to stop);
-the image loss covers the G*G grid tokens. Generation is greedy: text is restricted to
-words and ``<eos>``; images get ``<boi>`` forced and exactly G*G tokens restricted to the
-image vocabulary, so every generated image parses into a grid.
+Two image objectives (``objective``, saved with the model):
+
+- ``ar`` (next-token, as Emu3): the image loss is next-token cross-entropy over the G*G
+  grid tokens; generation is greedy, ``<boi>`` forced, then exactly G*G tokens from the
+  image vocabulary;
+- ``contextual`` (Harmon's mechanism, Show-o's discrete form): text stays causal, every
+  token of an image attends to every token of its image (``attention_mask_4d``, omni
+  attention); in training (:meth:`ToyAdapter.training_batch`) a fraction of each response
+  image, drawn per example from MaskGIT's cosine schedule ``r = cos(pi/2 * u)``,
+  ``u ~ U(0, 1)``, is replaced by ``<mask>`` and predicted from the prompt and the visible
+  image tokens; the image loss is the cross-entropy at the masked positions only.
+  Generation is MaskGIT's iterative parallel decoding: all G*G cells start as ``<mask>``;
+  at step ``s`` of ``decode_steps`` (default 8) the most confident predictions are
+  committed so that ``floor(G*G * cos(pi/2 * (s + 1) / K))`` cells stay masked: every cell
+  is committed within K steps, from the image vocabulary, so every result parses.
+
+The text loss covers the answer words and the ``<eos>`` that ends them (generation must
+learn to stop), and in a reason-then-draw example the reasoning words and the ``<boi>``
+that ends them. A batch with ``masked_positions`` (the seam's masked prediction: the
+contextual objective, or the bidirectional contextual-prediction regularizer on any toy
+model) scores the image at those positions only. Text generation is greedy, restricted
+to words and ``<eos>``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +68,9 @@ from unifyreg.adapters.base import (
     ForwardOutput,
     LayerStack,
     cache_argument,
+    cosine_masked_positions,
+    model_attention_mask,
+    omni_attention_mask,
     output_cache,
 )
 from unifyreg.roles import Role
@@ -54,9 +78,21 @@ from unifyreg.toy.model import ToyModelConfig
 from unifyreg.toy.tokenizer import WordTokenizer
 from unifyreg.toy.world import Grid, parse_image
 
-__all__ = ["ADAPTER_FILE", "ToyAdapter"]
+__all__ = ["ADAPTER_FILE", "DEFAULT_DECODE_STEPS", "OBJECTIVES", "ToyAdapter", "maskgit_remaining"]
 
 ADAPTER_FILE = "unifyreg_toy.json"
+#: The toy's image objectives (module docstring).
+OBJECTIVES = ("ar", "contextual")
+#: MaskGIT steps of contextual generation.
+DEFAULT_DECODE_STEPS = 8
+
+
+def maskgit_remaining(cells: int, step: int, steps: int) -> int:
+    """Cells still masked after step ``step`` (0-based) of ``steps``:
+    ``floor(cells * cos(pi/2 * (step + 1) / steps))``; 0 after the last step."""
+    if step >= steps - 1:
+        return 0
+    return int(math.floor(cells * math.cos(math.pi / 2 * (step + 1) / steps)))
 
 
 class ToyAdapter(Adapter):
@@ -74,6 +110,7 @@ class ToyAdapter(Adapter):
     name = "toy"
     layer_stack = LayerStack(blocks="model.layers", final_norm="model.norm")
     save_merged_after_finetune = True
+    supports_masked_prediction = True
     default_lora_targets = (
         "q_proj",
         "k_proj",
@@ -84,7 +121,19 @@ class ToyAdapter(Adapter):
         "down_proj",
     )
 
-    def __init__(self, model: LlamaForCausalLM, tokenizer: WordTokenizer, grid_size: int):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer: WordTokenizer,
+        grid_size: int,
+        objective: str = "ar",
+        decode_steps: int = DEFAULT_DECODE_STEPS,
+        reason_before_drawing: bool = False,
+    ):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(
                 f"model vocabulary ({model.config.vocab_size}) does not match the tokenizer "
@@ -93,6 +142,10 @@ class ToyAdapter(Adapter):
         self.model = model
         self.tokenizer = tokenizer
         self.grid_size = int(grid_size)
+        self.objective = objective
+        self.decode_steps = decode_steps
+        #: Generate the reasoning in words first, then the image (reason-then-draw models).
+        self.reason_before_drawing = bool(reason_before_drawing)
         self.max_positions = int(model.config.max_position_embeddings)
         vocab = tokenizer.vocab_size
         self._image_only = torch.zeros(vocab, dtype=torch.bool)
@@ -100,6 +153,9 @@ class ToyAdapter(Adapter):
         self._text_only = torch.zeros(vocab, dtype=torch.bool)
         self._text_only[len(tokenizer.special_ids) + tokenizer.num_colours :] = True
         self._text_only[tokenizer.eos_id] = True
+        self._reasoning = self._text_only.clone()
+        self._reasoning[tokenizer.eos_id] = False
+        self._reasoning[tokenizer.boi_id] = True
 
     # ------------------------------------------------------------------ construction
 
@@ -110,21 +166,32 @@ class ToyAdapter(Adapter):
         grid_size: int,
         model_config: ToyModelConfig | None = None,
         seed: int = 0,
+        objective: str = "ar",
+        decode_steps: int = DEFAULT_DECODE_STEPS,
     ) -> ToyAdapter:
         """A freshly initialised toy model (random weights from ``seed``)."""
         model_config = model_config or ToyModelConfig()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = LlamaForCausalLM(model_config.llama_config(tokenizer.vocab_size, tokenizer))
-        return cls(model, tokenizer, grid_size)
+        return cls(model, tokenizer, grid_size, objective, decode_steps)
+
+    def settings(self) -> dict[str, Any]:
+        """What :meth:`save` writes next to the weights (read back by :meth:`load`)."""
+        return {
+            "grid_size": self.grid_size,
+            "objective": self.objective,
+            "decode_steps": self.decode_steps,
+            "reason_before_drawing": self.reason_before_drawing,
+        }
 
     def save(self, directory: str | Path) -> None:
-        """``save_pretrained`` (safetensors) + ``tokenizer.json`` + the grid size."""
+        """``save_pretrained`` (safetensors) + ``tokenizer.json`` + :meth:`settings`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
         self.tokenizer.save(directory)
-        (directory / ADAPTER_FILE).write_text(json.dumps({"grid_size": self.grid_size}))
+        (directory / ADAPTER_FILE).write_text(json.dumps(self.settings()))
 
     @classmethod
     def load(cls, directory: str | Path, **kwargs: Any) -> ToyAdapter:
@@ -138,22 +205,34 @@ class ToyAdapter(Adapter):
         meta = json.loads((directory / ADAPTER_FILE).read_text())
         tokenizer = WordTokenizer.load(directory)
         model = LlamaForCausalLM.from_pretrained(directory, local_files_only=True, **kwargs)
-        return cls(model, tokenizer, meta["grid_size"])
+        return cls(
+            model,
+            tokenizer,
+            meta["grid_size"],
+            meta.get("objective", "ar"),
+            meta.get("decode_steps", DEFAULT_DECODE_STEPS),
+            meta.get("reason_before_drawing", False),
+        )
 
     # ------------------------------------------------------------------ encoding
 
-    def _grid_tokens(self, image: Any) -> list[int]:
-        """Image tokens of a grid, or of a PIL image of a grid (manifests), read back exactly."""
+    def _grid_tokens(self, image: Any, hidden: Sequence[Sequence[int]] = ()) -> list[int]:
+        """Image tokens of a grid, or of a PIL image of a grid (manifests), read back
+        exactly; ``hidden`` (row, column) cells are ``<mask>``."""
         if isinstance(image, Image.Image):
             image = parse_image(np.asarray(image.convert("RGB")), self.grid_size)
-        return self.tokenizer.encode_grid(image)
+        tokens = self.tokenizer.encode_grid(image)
+        for r, c in hidden:
+            tokens[int(r) * self.grid_size + int(c)] = self.tokenizer.mask_id
+        return tokens
 
     def _prompt_part(self, example: Any) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
         words = tok.encode_text(example.prompt_text)
         ids, roles = [tok.bos_id, *words], [Role.SPECIAL, *[Role.TEXT_PROMPT] * len(words)]
         if example.prompt_image is not None:
-            grid = self._grid_tokens(example.prompt_image)
+            hidden = (getattr(example, "meta", None) or {}).get("hidden_cells", ())
+            grid = self._grid_tokens(example.prompt_image, hidden)
             ids += [tok.boi_id, *grid, tok.eoi_id]
             roles += [Role.SPECIAL, *[Role.IMAGE_PROMPT] * len(grid), Role.SPECIAL]
         ids.append(tok.sep_id)
@@ -166,10 +245,19 @@ class ToyAdapter(Adapter):
         ids, roles = self._prompt_part(example)
         targets = [TARGET_NONE] * len(ids)
         if example.response_image is not None:
+            # <boi> is forced when drawing starts at once; after reasoning words the model
+            # must write it itself (a text target).
+            boi_target = TARGET_NONE
+            if example.response_text is not None:
+                words = tok.encode_text(example.response_text)
+                ids += words
+                roles += [Role.TEXT_RESPONSE] * len(words)
+                targets += [TARGET_TEXT] * len(words)
+                boi_target = TARGET_TEXT
             grid = self._grid_tokens(example.response_image)
             ids += [tok.boi_id, *grid, tok.eoi_id, tok.eos_id]
             roles += [Role.SPECIAL, *[Role.IMAGE_RESPONSE] * len(grid), Role.SPECIAL, Role.SPECIAL]
-            targets += [TARGET_NONE, *[TARGET_IMAGE] * len(grid), TARGET_NONE, TARGET_NONE]
+            targets += [boi_target, *[TARGET_IMAGE] * len(grid), TARGET_NONE, TARGET_NONE]
         elif example.response_text is not None:
             words = tok.encode_text(example.response_text)
             ids += [*words, tok.eos_id]
@@ -178,7 +266,8 @@ class ToyAdapter(Adapter):
         return ids, [int(r) for r in roles], targets
 
     def encode(self, examples: Sequence[Any]) -> dict[str, Tensor]:
-        """Right-padded batch: ``input_ids``, ``attention_mask``, ``roles``, ``target_kind``."""
+        """Right-padded batch: ``input_ids``, ``attention_mask``, ``roles``, ``target_kind``,
+        and for the ``contextual`` objective ``attention_mask_4d`` (omni attention)."""
         if len(examples) == 0:
             raise ValueError("cannot encode an empty list of examples")
         rows = []
@@ -206,7 +295,19 @@ class ToyAdapter(Adapter):
             batch["attention_mask"][b, :n] = 1
             batch["roles"][b, :n] = torch.tensor(roles)
             batch["target_kind"][b, :n] = torch.tensor(targets)
+        if self.objective == "contextual":
+            batch["attention_mask_4d"] = omni_attention_mask(
+                batch["roles"], batch["attention_mask"]
+            )
         return batch
+
+    def training_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The ``contextual`` objective: ``masked_positions`` drawn for every response image,
+        a cosine-schedule share ``cos(pi/2 * u)`` of its cells (at least one), ``u ~ U(0, 1)``
+        per example, with the global torch generator. ``ar``: the batch unchanged."""
+        if self.objective != "contextual":
+            return batch
+        return {**batch, "masked_positions": cosine_masked_positions(batch["roles"])}
 
     # ------------------------------------------------------------------ forward
 
@@ -223,26 +324,49 @@ class ToyAdapter(Adapter):
         embedding_hook: EmbeddingHook | None = None,
         final_norm: bool = FINAL_NORM_DEFAULT,
     ) -> ForwardOutput:
-        """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract."""
+        """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract.
+
+        With ``masked_positions`` in the batch: those inputs are ``<mask>`` (before the
+        embedding hook), image tokens attend within their image, and the image loss is the
+        cross-entropy at the masked positions (same-position targets). A ``contextual``
+        model without masked positions reports no image loss (0 over 0 tokens): with
+        bidirectional image attention, next-token targets would be visible."""
         device = self.device
         input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
+        masked = batch.get("masked_positions")
         embeds = self.input_embeddings(batch)
+        if masked is not None:
+            masked = masked.to(device)
+            mask_embedding = self.model.get_input_embeddings().weight[self.tokenizer.mask_id]
+            embeds = torch.where(masked[..., None], mask_embedding.to(embeds.dtype), embeds)
         if embedding_hook is not None:
             embeds = embedding_hook(embeds, batch)
+        attention = model_attention_mask(batch, device, embeds.dtype)
         chosen = self.resolve_layers(layers)
         with self.capture(chosen, output_hidden_states, final_norm) as captured:
-            out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+            out = self.model(inputs_embeds=embeds, attention_mask=attention, use_cache=False)
         logits = out.logits
         # Position t predicts token t + 1; a target's kind is stored at its own position.
         token_losses = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
         )
         kinds = batch["target_kind"].to(device)[:, 1:]
-        text_mask, image_mask = kinds == TARGET_TEXT, kinds == TARGET_IMAGE
-        text_tokens, image_tokens = text_mask.sum(), image_mask.sum()
+        text_mask = kinds == TARGET_TEXT
+        text_tokens = text_mask.sum()
         text_loss = (token_losses * text_mask).sum() / text_tokens.clamp_min(1)
-        image_loss = (token_losses * image_mask).sum() / image_tokens.clamp_min(1)
+        if masked is not None:
+            image_tokens = masked.sum()
+            image_losses = F.cross_entropy(
+                logits[masked].float(), input_ids[masked], reduction="sum"
+            )
+            image_loss = image_losses / image_tokens.clamp_min(1)
+        elif self.objective == "contextual":
+            image_tokens = torch.zeros((), dtype=torch.long, device=device)
+            image_loss = logits.new_zeros((), dtype=torch.float32)
+        else:
+            image_mask = kinds == TARGET_IMAGE
+            image_tokens = image_mask.sum()
+            image_loss = (token_losses * image_mask).sum() / image_tokens.clamp_min(1)
         return ForwardOutput(
             hidden_states=captured.states() if captured is not None else None,
             layers=chosen,
@@ -259,13 +383,16 @@ class ToyAdapter(Adapter):
     @torch.no_grad()
     def _greedy(
         self,
-        prompts: list[list[int]],
+        prompts: list[tuple[list[int], list[int]]],
         steps: int,
         allowed: Tensor,
         stop_id: int | None,
         batch_size: int,
     ) -> list[list[int]]:
-        """Greedy decoding of ``steps`` tokens restricted to ``allowed`` (left-padded)."""
+        """Greedy decoding of ``steps`` tokens restricted to ``allowed`` from left-padded
+        ``(ids, roles)`` prompts, with a key/value cache; rows are cut at ``stop_id``. A
+        ``contextual`` model reads its prompt with omni attention (image prompts
+        bidirectional), as in training; the new tokens are causal."""
         was_training = self.model.training
         self.model.eval()
         device = self.device
@@ -274,7 +401,7 @@ class ToyAdapter(Adapter):
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
-                width = max(len(p) for p in chunk)
+                width = max(len(ids) for ids, _ in chunk)
                 if width + steps > self.max_positions:
                     raise ValueError(
                         f"a prompt of {width} tokens plus {steps} new tokens exceeds the "
@@ -282,20 +409,26 @@ class ToyAdapter(Adapter):
                     )
                 ids = torch.full((len(chunk), width), self.tokenizer.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for b, prompt in enumerate(chunk):
+                roles = torch.full((len(chunk), width), int(Role.PAD), dtype=torch.long)
+                for b, (prompt, prompt_roles) in enumerate(chunk):
                     ids[b, width - len(prompt) :] = torch.tensor(prompt)
                     mask[b, width - len(prompt) :] = 1
-                ids, mask = ids.to(device), mask.to(device)
+                    roles[b, width - len(prompt) :] = torch.tensor(prompt_roles)
+                ids, mask, roles = ids.to(device), mask.to(device), roles.to(device)
                 finished = torch.zeros(len(chunk), dtype=torch.bool, device=device)
                 generated = []
                 positions = (mask.cumsum(-1) - 1).clamp_min(0)
                 cache = None
-                for _ in range(steps):
+                first_mask = mask
+                if self.objective == "contextual":
+                    dtype = self.model.get_input_embeddings().weight.dtype
+                    first_mask = omni_attention_mask(roles, mask, dtype)
+                for step in range(steps):
                     # The first call reads the whole prompt; later calls feed only the new
                     # token and reuse the keys and values of the earlier positions.
                     out = self.model(
                         input_ids=ids,
-                        attention_mask=mask,
+                        attention_mask=first_mask if step == 0 else mask,
                         position_ids=positions,
                         use_cache=True,
                         **cache_argument(self.model, cache),
@@ -320,21 +453,119 @@ class ToyAdapter(Adapter):
             self.model.train(was_training)
         return results
 
+    @torch.no_grad()
+    def _maskgit(
+        self, prefixes: list[tuple[list[int], list[int]]], batch_size: int
+    ) -> tuple[list[list[int]], int]:
+        """MaskGIT decoding (module docstring) after each ``(ids, roles)`` prefix (ending
+        in ``<boi>``): ``(G*G image tokens per row, forward passes run per batch)``."""
+        tok = self.tokenizer
+        cells = self.grid_size**2
+        was_training = self.model.training
+        self.model.eval()
+        device = self.device
+        allowed = self._image_only.to(device)
+        results: list[list[int]] = []
+        passes = 0
+        try:
+            for start in range(0, len(prefixes), batch_size):
+                chunk = prefixes[start : start + batch_size]
+                rows = [
+                    (
+                        [*ids, *[tok.mask_id] * cells, tok.eoi_id],
+                        [*roles, *[int(Role.IMAGE_RESPONSE)] * cells, int(Role.SPECIAL)],
+                    )
+                    for ids, roles in chunk
+                ]
+                width = max(len(ids) for ids, _ in rows)
+                if width > self.max_positions:
+                    raise ValueError(
+                        f"a prompt plus an image of {width} tokens exceeds the model's "
+                        f"{self.max_positions} positions"
+                    )
+                batch = len(rows)
+                ids = torch.full((batch, width), tok.pad_id, dtype=torch.long)
+                mask = torch.zeros((batch, width), dtype=torch.long)
+                roles = torch.full((batch, width), int(Role.PAD), dtype=torch.long)
+                offsets = []
+                for b, (row_ids, row_roles) in enumerate(rows):
+                    ids[b, : len(row_ids)] = torch.tensor(row_ids)
+                    mask[b, : len(row_ids)] = 1
+                    roles[b, : len(row_roles)] = torch.tensor(row_roles)
+                    offsets.append(len(row_ids) - 1 - cells)
+                ids, mask, roles = ids.to(device), mask.to(device), roles.to(device)
+                where = torch.tensor(offsets, device=device)[:, None] + torch.arange(
+                    cells, device=device
+                )  # [b, cells] positions of the image
+                dtype = self.model.get_input_embeddings().weight.dtype
+                attention = omni_attention_mask(roles, mask, dtype)
+                still = torch.ones(batch, cells, dtype=torch.bool, device=device)
+                for step in range(self.decode_steps):
+                    logits = self.model(input_ids=ids, attention_mask=attention).logits
+                    passes += 1 if start == 0 else 0
+                    image_logits = logits.gather(
+                        1, where[..., None].expand(-1, -1, logits.shape[-1])
+                    ).masked_fill(~allowed, float("-inf"))
+                    probs = image_logits.float().softmax(-1)
+                    confidence, choice = probs.max(-1)
+                    confidence = confidence.masked_fill(~still, -1.0)  # committed: never again
+                    keep_masked = maskgit_remaining(cells, step, self.decode_steps)
+                    commit = still.sum(dim=1) - keep_masked  # [b] cells committed this step
+                    order = confidence.argsort(dim=1, descending=True, stable=True)
+                    rank = order.argsort(dim=1)
+                    newly = still & (rank < commit[:, None])
+                    current = ids.gather(1, where)
+                    ids.scatter_(1, where, torch.where(newly, choice, current))
+                    still &= ~newly
+                    if not bool(still.any()):
+                        break
+                results.extend(ids.gather(1, where).tolist())
+        finally:
+            self.model.train(was_training)
+        return results, passes
+
+    def _reasoning_prefixes(
+        self, examples: Sequence[Any], batch_size: int
+    ) -> list[tuple[list[int], list[int]]]:
+        """``(ids, roles)`` of each prompt followed by its image's ``<boi>``: after the
+        model's own reasoning words (up to ``<boi>``, at most 12) when
+        :attr:`reason_before_drawing`, else directly."""
+        prompts = [self._prompt_part(example) for example in examples]
+        boi = self.tokenizer.boi_id
+        if not self.reason_before_drawing:
+            return [(ids + [boi], roles + [int(Role.SPECIAL)]) for ids, roles in prompts]
+        words = self._greedy(prompts, 12, self._reasoning, boi, batch_size)
+        return [
+            (ids + row + [boi], roles + [int(Role.TEXT_RESPONSE)] * len(row) + [int(Role.SPECIAL)])
+            for (ids, roles), row in zip(prompts, words, strict=True)
+        ]
+
     def generate_text(
         self, examples: Sequence[Any], max_new_tokens: int = 8, batch_size: int = 256
     ) -> list[str]:
         """Greedy answers (words until ``<eos>``, at most ``max_new_tokens``)."""
-        prompts = [self._prompt_part(example)[0] for example in examples]
+        prompts = [self._prompt_part(example) for example in examples]
         rows = self._greedy(
             prompts, max_new_tokens, self._text_only, self.tokenizer.eos_id, batch_size
         )
         return [self.tokenizer.decode_text(row) for row in rows]
 
+    def generate_reasoning(self, examples: Sequence[Any], batch_size: int = 256) -> list[str]:
+        """The words a reason-then-draw model writes before drawing (up to ``<boi>``)."""
+        prompts = [self._prompt_part(example) for example in examples]
+        rows = self._greedy(prompts, 12, self._reasoning, self.tokenizer.boi_id, batch_size)
+        return [self.tokenizer.decode_text(row) for row in rows]
+
     def generate_images(self, examples: Sequence[Any], batch_size: int = 256) -> list[Grid]:
-        """Greedy grids: ``<boi>`` forced, then exactly G*G image tokens."""
-        prompts = [self._prompt_part(example)[0] + [self.tokenizer.boi_id] for example in examples]
-        cells = self.grid_size**2
-        rows = self._greedy(prompts, cells, self._image_only, None, batch_size)
+        """Grids of exactly G*G image tokens after ``<boi>`` (and, for a reason-then-draw
+        model, after its own reasoning): greedy next-token (``ar``) or MaskGIT
+        (``contextual``)."""
+        prefixes = self._reasoning_prefixes(examples, batch_size)
+        if self.objective == "contextual":
+            rows, _ = self._maskgit(prefixes, batch_size)
+        else:
+            cells = self.grid_size**2
+            rows = self._greedy(prefixes, cells, self._image_only, None, batch_size)
         return [self.tokenizer.decode_grid(row, self.grid_size) for row in rows]
 
     def model_config_dict(self) -> dict[str, Any]:

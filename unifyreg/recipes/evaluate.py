@@ -37,6 +37,8 @@ def run(cfg: EvalConfig, dry_run: bool = False) -> int:
         print(f"dry run: model {path}, splits {cfg.splits}; nothing evaluated")
         return 0
     adapter = ToyAdapter.load(path)
+    if cfg.decode_steps:
+        adapter.decode_steps = cfg.decode_steps
     results = evaluate_examples(
         adapter, {name: splits[name] for name in cfg.splits}, cfg.batch_size
     )

@@ -111,6 +111,9 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
     adapter = load_adapter(cfg.model, cfg.pretrain)
     check_layers(adapter, cfg.probe.layers, "probe.layers")
     check_layers(adapter, cfg.loss.div_layers, "loss.div_layers")
+    _check_ctx_mode(adapter, cfg)
+    if cfg.data_variant:
+        train_examples = _apply_variant(adapter, cfg, train_examples)
     # Manifest examples the model cannot take (too long, say) stop the run here, naming
     # file:line, or are skipped and counted; the counts are logged (data/skipped_examples,
     # probe/skipped_examples).
@@ -189,6 +192,39 @@ def _trainer(cfg: FinetuneConfig, run_dir: Path, loggers, callbacks, steps_per_e
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
+
+
+def _check_ctx_mode(adapter, cfg: FinetuneConfig) -> None:
+    """``L_ctx``'s mode against what the model can take (ConfigError naming the key)."""
+    if cfg.loss.w_ctx <= 0:
+        return
+    if cfg.loss.ctx_mode == "bidirectional" and not getattr(
+        adapter, "supports_masked_prediction", False
+    ):
+        raise ConfigError(
+            f"loss.ctx_mode=bidirectional needs masked prediction (a 4-D attention mask); "
+            f"adapter {cfg.model.adapter!r} does not take it: use loss.ctx_mode=causal"
+        )
+    if cfg.loss.ctx_mode == "causal" and getattr(adapter, "objective", "ar") != "ar":
+        raise ConfigError(
+            "loss.ctx_mode=causal scores next-token image targets, which this model's "
+            f"{adapter.objective!r} objective (bidirectional image attention) makes visible: "
+            "use loss.ctx_mode=bidirectional"
+        )
+
+
+def _apply_variant(adapter, cfg: FinetuneConfig, examples: list) -> list:
+    """The training examples under ``data_variant``, and the adapter settings it asks for."""
+    source = example_source(resolve_source(cfg.data, cfg.model.adapter, "data"))
+    if source is None or not hasattr(source, "variant"):
+        raise ConfigError(
+            f"data_variant={cfg.data_variant}: the data source {cfg.data or 'default'!r} has "
+            "no variants (the toy source has: reca, reason_then_draw)"
+        )
+    examples, settings = source.variant(cfg.data_variant, examples, 0)  # same data every seed
+    for name, value in settings.items():
+        setattr(adapter, name, value)
+    return examples
 
 
 def save_outputs(adapter, cfg: FinetuneConfig) -> dict[str, Path]:

@@ -2,8 +2,9 @@
 
 A base is identified by everything that changes its trained weights
 (:func:`cache_key`): the world's settings and a fingerprint of its content, the model
-size, the toy adapter's sequence layout version, ``optim``, ``max_steps``, ``batch_size``
-and ``seed``. It lives in ``cache_dir/toy-base-<key>`` (:func:`cache_path`).
+size, the image objective, the regularizer's settings, the toy adapter's sequence layout
+version, ``optim``, ``max_steps``, ``batch_size`` and ``seed``. It lives in
+``cache_dir/toy-base-<key>`` (:func:`cache_path`).
 
 :func:`build_toy_base` trains it from scratch on the world's ``pretrain`` split
 (Lightning, progress bar, CSV log, a ``last.ckpt`` every ``checkpoint_every_n_steps``),
@@ -29,6 +30,7 @@ from lightning.pytorch.loggers import CSVLogger
 from unifyreg.adapters.toy import ADAPTER_FILE, ToyAdapter
 from unifyreg.config import PretrainToyConfig, config_hash, to_yaml
 from unifyreg.fileio import atomic_write_json, atomic_write_text
+from unifyreg.losses import ContextualPredictionLoss
 from unifyreg.module import UMMModule, example_loader
 from unifyreg.toy.evaluation import accuracy_table, evaluate_examples
 from unifyreg.toy.model import LAYOUT_VERSION
@@ -56,6 +58,8 @@ def cache_key(cfg: PretrainToyConfig) -> str:
             "world": dataclasses.asdict(cfg.world),
             "world_content": world_fingerprint(cfg.world),
             "model": dataclasses.asdict(cfg.model),
+            "objective": cfg.objective,
+            "loss": dataclasses.asdict(cfg.loss),
             "layout_version": LAYOUT_VERSION,
             "optim": dataclasses.asdict(cfg.optim),
             "max_steps": cfg.max_steps,
@@ -119,8 +123,19 @@ def _train_toy_base(cfg: PretrainToyConfig, final: Path, log) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = build_splits(cfg.world)
     tokenizer = WordTokenizer.for_world(cfg.world)
-    adapter = ToyAdapter.create(tokenizer, cfg.world.grid_size, cfg.model, seed=cfg.seed)
-    module = UMMModule(adapter, cfg.optim, total_steps=cfg.max_steps)
+    adapter = ToyAdapter.create(
+        tokenizer, cfg.world.grid_size, cfg.model, seed=cfg.seed, objective=cfg.objective
+    )
+    terms = []
+    if cfg.loss.active:  # the regularizer during pre-training
+        terms.append(ContextualPredictionLoss(cfg.loss, adapter.hidden_size, seed=cfg.seed))
+    module = UMMModule(
+        adapter,
+        cfg.optim,
+        total_steps=cfg.max_steps,
+        loss_terms=terms,
+        hidden_states_for_terms=cfg.loss.w_div > 0,
+    )
     loader = example_loader(
         adapter, splits["pretrain"], cfg.batch_size, shuffle=True, seed=cfg.seed
     )

@@ -8,9 +8,9 @@ from typing import Any
 
 __all__ = ["LAYOUT_VERSION", "ToyModelConfig"]
 
-#: Version of the sequence layout above; part of the toy-base cache key, so a cached base
-#: trained with another layout is never reused.
-LAYOUT_VERSION = 2
+#: Version of the toy adapter's sequence layout and vocabulary (3: the ``<mask>`` special
+#: token); part of the toy-base cache key, so a base built with another is never reused.
+LAYOUT_VERSION = 3
 
 
 @dataclass

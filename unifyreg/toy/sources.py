@@ -28,6 +28,15 @@ class ToySource:
         splits = build_splits(_world(context))
         return [e for name, split in splits.items() if name.startswith("probe/") for e in split]
 
+    def variant(self, name: str, examples: Sequence[Any], seed: int = 0) -> tuple[list, dict]:
+        """``(examples, adapter settings)`` of a training-data variant
+        (:mod:`unifyreg.toy.variants`): ``reason_then_draw`` also makes the model write its
+        reasoning before drawing (``reason_before_drawing``)."""
+        from unifyreg.toy.variants import apply_variant
+
+        settings = {"reason_before_drawing": True} if name == "reason_then_draw" else {}
+        return apply_variant(name, examples, seed), settings
+
     def split_names(self, context: Any = None) -> tuple[str, ...]:
         """Every split the world has."""
         return tuple(build_splits(_world(context)))

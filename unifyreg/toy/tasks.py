@@ -61,13 +61,21 @@ import numpy as np
 
 from unifyreg.toy.world import BACKGROUND, PALETTE, Grid, as_grid, check_grid_size, make_grid
 
-TASKS: tuple[str, ...] = ("text", "t2i", "understanding", "transfer", "caption", "text_reasoning")
+TASKS: tuple[str, ...] = (
+    "text",
+    "t2i",
+    "understanding",
+    "transfer",
+    "caption",
+    "text_reasoning",
+    "reconstruction",
+)
 """Every task name."""
 
-IMAGE_PROMPT_TASKS: tuple[str, ...] = ("understanding", "caption")
+IMAGE_PROMPT_TASKS: tuple[str, ...] = ("understanding", "caption", "reconstruction")
 """Tasks whose prompt carries a grid (and only these)."""
 
-IMAGE_RESPONSE_TASKS: tuple[str, ...] = ("t2i", "transfer")
+IMAGE_RESPONSE_TASKS: tuple[str, ...] = ("t2i", "transfer", "reconstruction")
 """Tasks that answer with a grid; every other task answers with words."""
 
 TEXT_CATEGORIES: tuple[str, ...] = ("knowledge", "arithmetic")
@@ -99,6 +107,7 @@ TASK_CATEGORIES: dict[str, tuple[str, ...]] = {
     "transfer": ("deductive",),
     "caption": CAPTION_CATEGORIES,
     "text_reasoning": TEXT_REASONING_CATEGORIES,
+    "reconstruction": ("reconstruction",),
 }
 """Valid categories of each task. Category names are unique across tasks except
 ``deductive`` (t2i and transfer), so a probe set can be named by its category alone."""
@@ -151,7 +160,7 @@ _TEMPLATE_WORDS: tuple[str, ...] = (
     "what", "colour", "is", "the", "of", "in", "plus", "minus", "and", "cell", "cells",
     "repeated", "checkerboard", "there", "anything", "nothing", "shown", "which", "most",
     "least", "common", "east", "west", "yes", "no", "top", "bottom", "left", "right", "row",
-    "column", "read", "image", "describe", "so", "are",
+    "column", "read", "image", "describe", "so", "are", "redraw",
 )  # fmt: skip
 
 CAPTION_PROMPT = "read the image"
@@ -238,8 +247,10 @@ class Example:
         object.__setattr__(self, "response_image", _frozen_grid(self.response_image))
         object.__setattr__(self, "meta", dict(self.meta))
         wants_image = self.task in IMAGE_RESPONSE_TASKS
-        if wants_image and (self.response_image is None or self.response_text is not None):
-            raise ValueError(f"a {self.task!r} example needs response_image and no response_text")
+        # An image response may come with a response_text: reasoning written before the
+        # drawing (the reason-then-draw variant, unifyreg.toy.variants).
+        if wants_image and self.response_image is None:
+            raise ValueError(f"a {self.task!r} example needs response_image")
         if not wants_image and (self.response_text is None or self.response_image is not None):
             raise ValueError(f"a {self.task!r} example needs response_text and no response_image")
         if (self.prompt_image is not None) != (self.task in IMAGE_PROMPT_TASKS):
@@ -783,6 +794,31 @@ def _text_abductive(rng: random.Random, grid_size: int, objects: Sequence[str]) 
     )
 
 
+# ------------------------------------------------------------------ reconstruction
+
+
+def _reconstruction(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
+    """A structured drawing (direct, composition or inductive) shown with half of its
+    cells hidden (``meta["hidden_cells"]``, fed as ``<mask>``), to be redrawn whole: the
+    partial-view reconstruction of :mod:`unifyreg.toy.variants` (not in the training mix)."""
+    make = rng.choice((_direct, _composition, _inductive))
+    grid = make(rng, grid_size, objects).response_image
+    cells = [[r, c] for r in range(grid_size) for c in range(grid_size)]
+    hidden = sorted(rng.sample(cells, len(cells) // 2))
+    return Example(
+        "reconstruction",
+        "reconstruction",
+        RECONSTRUCTION_PROMPT,
+        prompt_image=grid,
+        response_image=grid,
+        meta={"hidden_cells": hidden},
+    )
+
+
+RECONSTRUCTION_PROMPT = "redraw the image"
+"""The text prompt of every reconstruction example."""
+
+
 # ---------------------------------------------------------------------------- dispatcher
 
 GENERATORS: dict[tuple[str, str], Generator] = {
@@ -800,6 +836,7 @@ GENERATORS: dict[tuple[str, str], Generator] = {
     ("understanding", "single_instance"): _single_instance,
     ("understanding", "cross_instance"): _cross_instance,
     ("transfer", "deductive"): _transfer,
+    ("reconstruction", "reconstruction"): _reconstruction,
     ("caption", "caption"): _caption,
     ("text_reasoning", "text_deductive"): _text_deductive,
     ("text_reasoning", "text_abductive"): _text_abductive,

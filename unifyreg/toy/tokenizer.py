@@ -1,7 +1,8 @@
 """A word-level tokenizer over the synthetic world's fixed vocabulary, with image tokens.
 
-Ids are laid out as: the six specials (``<pad>`` = 0, ``<bos>``, ``<eos>``, ``<boi>``,
-``<eoi>``, ``<sep>``), then one image token per palette colour (``<img_black>`` ...,
+Ids are laid out as: the seven specials (``<pad>`` = 0, ``<bos>``, ``<eos>``, ``<boi>``,
+``<eoi>``, ``<sep>``, ``<mask>``: the input of a masked image position under the
+``contextual`` objective), then one image token per palette colour (``<img_black>`` ...,
 index = colour), then the words, sorted. Text and images therefore share one vocabulary,
 and an image is its cells' tokens in raster order.
 """
@@ -18,8 +19,8 @@ import numpy as np
 from unifyreg.toy.tasks import Example, world_vocabulary
 from unifyreg.toy.world import PALETTE, Grid, as_grid, check_grid_size
 
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<sep>")
-"""Special tokens, at ids 0..5 in this order."""
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<sep>", "<mask>")
+"""Special tokens, at ids 0..6 in this order."""
 
 TOKENIZER_FILE = "tokenizer.json"
 """File name :meth:`WordTokenizer.save` writes inside its directory."""
@@ -119,8 +120,13 @@ class WordTokenizer:
         return 5
 
     @property
+    def mask_id(self) -> int:
+        """Id of ``<mask>`` (a masked image position's input, contextual objective)."""
+        return 6
+
+    @property
     def special_ids(self) -> list[int]:
-        """Ids of the six special tokens."""
+        """Ids of the seven special tokens."""
         return list(range(len(SPECIAL_TOKENS)))
 
     @property
@@ -133,7 +139,7 @@ class WordTokenizer:
         return self._first_image_id <= int(token_id) < self._first_word_id
 
     def is_special(self, token_id: int) -> bool:
-        """True iff ``token_id`` is one of the six special tokens."""
+        """True iff ``token_id`` is one of the seven special tokens."""
         return 0 <= int(token_id) < self._first_image_id
 
     def token_to_id(self, token: str) -> int:
