@@ -13,11 +13,21 @@ the cache. Training happens in ``<cache>.partial/``; only a finished model is re
 the cache path, so an interrupted build never leaves a half-written base, and building
 again resumes from the partial run's ``last.ckpt``. Concurrent builders (DDP ranks,
 parallel runs) wait on a lock file for one build.
+
+**Shipped bases.** The package carries the trained default bases (``unifyreg/toy/bases/
+<objective>/``: the default config with ``objective`` ``ar`` and ``contextual``, a few MB
+of safetensors each, with the cache key they were built for in ``shipped.json``). When a
+config's cache key equals a shipped base's, that base is used as it is: no training, the
+same weights on every machine (a rebuilt base differs between CPU types, BENCHMARKS.md).
+``force=true`` trains from scratch anyway. ``python scripts/ship_toy_bases.py`` rebuilds
+and replaces them; a test fails when a shipped base no longer matches the key its config
+and world give.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -38,9 +48,21 @@ from unifyreg.toy.splits import WorldConfig, build_splits
 from unifyreg.toy.tokenizer import WordTokenizer
 from unifyreg.trainer import AtomicCheckpointIO, fit, progress_bar
 
-__all__ = ["EVAL_FILE", "build_toy_base", "cache_key", "cache_path", "default_model_path"]
+__all__ = [
+    "EVAL_FILE",
+    "SHIPPED_DIR",
+    "SHIPPED_FILE",
+    "build_toy_base",
+    "cache_key",
+    "cache_path",
+    "default_model_path",
+    "shipped_base",
+]
 
 EVAL_FILE = "eval.json"
+#: Where the shipped bases live, one directory per objective.
+SHIPPED_DIR = Path(__file__).resolve().parent / "bases"
+SHIPPED_FILE = "shipped.json"
 
 
 def world_fingerprint(world: WorldConfig) -> str:
@@ -79,7 +101,9 @@ def default_model_path(pretrain: PretrainToyConfig | None = None, build: bool = 
     (defaults if None), built first if it is not cached (``build=False``: its path only,
     which may not exist yet)."""
     pretrain = pretrain or PretrainToyConfig()
-    return build_toy_base(pretrain) if build else cache_path(pretrain)
+    if build:
+        return build_toy_base(pretrain)
+    return shipped_base(pretrain) or cache_path(pretrain)
 
 
 @contextmanager
@@ -100,9 +124,29 @@ def _build_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def shipped_base(cfg: PretrainToyConfig) -> Path | None:
+    """The shipped base built for exactly ``cfg`` (the same cache key), or None."""
+    key = None
+    for directory in sorted(SHIPPED_DIR.glob("*")):
+        record = directory / SHIPPED_FILE
+        if not (record.is_file() and (directory / ADAPTER_FILE).is_file()):
+            continue
+        key = key or cache_key(cfg)
+        if json.loads(record.read_text()).get("cache_key") == key:
+            return directory
+    return None
+
+
 def build_toy_base(cfg: PretrainToyConfig, log=print) -> Path:
-    """Train (or reuse) the toy base for ``cfg``; returns its cache directory."""
+    """Train (or reuse) the toy base for ``cfg``; returns its directory: a shipped base
+    built for this config (module docstring), else the cache (trained first if absent).
+    ``force=true`` always trains into the cache."""
     final = cache_path(cfg)
+    if not cfg.force:
+        shipped = shipped_base(cfg)
+        if shipped is not None:
+            log(f"using the shipped toy base {shipped} (this config's; force=true retrains)")
+            return shipped
     if (final / ADAPTER_FILE).is_file() and not cfg.force:
         log(f"reusing cached toy base {final}")
         return final
