@@ -178,7 +178,8 @@ def render_report(by_arm: dict[str, Any], cfg: AblateConfig) -> str:
         f"Arms: {', '.join(by_arm)}; seeds: {cfg.seeds}; model: {ft.model.adapter}; "
         f"{ft.max_epochs} epoch(s), batch {ft.batch_size}, "
         f"LoRA {'on' if ft.lora.enabled else 'off'}; "
-        f"mask ratio {ft.loss.mask_ratio}, L_div alpha {ft.loss.div_alpha}.",
+        f"mask ratio {ft.loss.mask_ratio}, L_div alpha {ft.loss.div_alpha}; probe regime "
+        f"{ft.probe.regime} (bandwidth {ft.probe.sigma}, alpha {ft.probe.alpha:g}).",
         "Scores are unifyreg's own definitions (not the paper's): lower `encoding_gap` and "
         "`final_gap`, and `response_split` nearer 0, mean less divergence. Accuracies are "
         "exact-match on the toy (`transfer` = held-out reasoning transfer).",
