@@ -116,6 +116,19 @@ def part_synthetic() -> None:
         cells = " | ".join(f"{v:.2f}" for v in values)
         print(f"| {count} | {math.log2(count):.2f} | {cells} |")
 
+    print(
+        "\n### A padded prompt: k distinct tokens and 129 - k copies of one pad token, d = 2048\n"
+    )
+    print("(Show-o left-pads its text prompt to 129 positions)\n")
+    print("| distinct tokens k | " + " | ".join(f"`{r}`" for r in RULES) + " |")
+    print("|---" * (len(RULES) + 1) + "|")
+    for k in (10, 20, 40, 129):
+        distinct = torch.randn(k, 2048, generator=_generator(k), dtype=torch.float64)
+        pads = torch.zeros(129 - k, 2048, dtype=torch.float64)
+        Z = torch.cat([pads, distinct])
+        values = [matrix_entropy(Z, sigma=rule).item() for rule in RULES]
+        print(f"| {k} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+
     print("\n### Proxy H(R | P) (bits): P i.i.d. Gaussian, d = 64, n = m = 100\n")
     print("(log2((n + m) / n) = 1 bit: the proxy of any R whose tokens the kernel separates)\n")
     P = torch.randn(100, 64, generator=_generator(5), dtype=torch.float64)
@@ -128,7 +141,10 @@ def part_synthetic() -> None:
     print("|---" * (len(RULES) + 1) + "|")
     for name, R in cases.items():
         values = [conditional_entropy_proxy(P, R, sigma=rule).item() for rule in RULES]
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        # R = P is 0 up to round-off (+-1e-15): printed as 0.000, not -0.000
+        print(
+            f"| {name} | " + " | ".join(f"{v if abs(v) > 5e-4 else 0.0:.3f}" for v in values) + " |"
+        )
 
 
 # ---------------------------------------------------------------------- model tables
