@@ -213,9 +213,13 @@ class ProbeResult:
         bandwidth = self.settings.get("bandwidth")
         if alpha is None or base is None or bandwidth is None:
             return {"regime": "unknown", "bandwidth": bandwidth, "alpha": alpha, "base": base}
+        try:
+            bandwidth = canonical_bandwidth(bandwidth)
+        except (TypeError, ValueError):  # a hand-written setting: reported as written
+            pass
         return {
             "regime": probe_regime(alpha, base, bandwidth),
-            "bandwidth": canonical_bandwidth(bandwidth),
+            "bandwidth": bandwidth,
             "alpha": float(alpha),
             "base": float(base),
         }
