@@ -63,6 +63,9 @@ def test_finetune_logs_unification_metrics_every_epoch(tmp_path, tiny_base_overr
     assert len(shares) == 3 and all(0 < share < 1 for share in shares)
     history = [json.loads(x) for x in (run_dir / "probe/probe_history.jsonl").open()]
     assert "probe/epoch_share" not in history[0]["cost"]
+    # every probe says which regime produced it
+    regime = {"regime": "default", "bandwidth": "median", "alpha": 1.01, "base": 2.0}
+    assert all(entry["regime"] == regime for entry in history)
     assert history[-1]["cost"]["probe/seconds"] >= history[-1]["seconds"] > 0
     assert "figures/encoding_text_by_epoch" in events.Tags()["images"]
 

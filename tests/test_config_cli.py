@@ -172,8 +172,18 @@ def test_probe_command_writes_tables_figures_and_scores(tmp_path, capsys):
         (["probe.alpha=inf"], "probe.alpha must be a finite number > 0, got inf"),
         (
             ["probe.bandwidth=wide"],
-            "probe.bandwidth must be a rule (median, median_differentiable) or a number > 0",
+            "probe.bandwidth must be a rule (median, median_differentiable, rms, silverman), "
+            "a rule with a factor > 0",
         ),
+        (["probe.bandwidth=rms:0"], "probe.bandwidth must be a rule"),
+        (["probe.bandwidth=silverman:x"], "probe.bandwidth must be a rule"),
+        (["probe.preset=table1"], "probe.preset must be one of"),
+        (
+            ["probe.preset=paper", "probe.bandwidth=median"],
+            "probe.bandwidth='median' conflicts with the preset 'paper', which sets "
+            "bandwidth='silverman'",
+        ),
+        (["probe.preset=default", "probe.alpha=2"], "probe.alpha=2.0 conflicts with the preset"),
         (["probe.responses=sampled"], "probe.responses must be one of reference, generated"),
         (["on_bad_example=ignore"], "on_bad_example must be one of error, skip"),
     ],

@@ -257,7 +257,7 @@ def _segments_of(Z, mask, start, stop):
     return tokens, tokens.segments(rows, index, mask[:, start:stop])
 
 
-@pytest.mark.parametrize("sigma", ["median", 0.7])
+@pytest.mark.parametrize("sigma", ["median", 0.7, "silverman", "rms:0.3", "median:0.5"])
 @pytest.mark.parametrize("max_gram_bytes", [None, 2**20])  # gathered / shared distances
 def test_segments_give_the_entropies_of_their_tokens(sigma, max_gram_bytes):
     Z = torch.randn(3, 12, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

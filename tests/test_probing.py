@@ -151,10 +151,21 @@ def test_files_round_trip_and_tables(tiny_adapter, probe_examples, tmp_path):
         np.testing.assert_array_equal(loaded.records[q].values, result.records[q].values)
     summary = json.loads(paths["summary"].read_text())
     assert set(summary["scores"]) == {"encoding_gap", "response_split", "final_gap"}
-    table = paths["table_md"].read_text()
-    assert table.startswith("| layer | text:abductive") and "image:single_instance" in table
-    header = paths["table_csv"].read_text().splitlines()[0].split(",")
-    assert header[0] == "layer" and len(header) == 1 + 6 + 7  # text / image categories
+    # every output says which regime produced it
+    assert (summary["regime"], summary["bandwidth"]) == ("default", "median")
+    assert (summary["alpha"], summary["base"]) == (1.01, 2.0)
+    caption, blank, table = paths["table_md"].read_text().split("\n", 2)
+    assert caption == (
+        "Mean prompt entropy at layer 0 (bits, alpha 1.01); regime: default, bandwidth: median"
+    )
+    assert blank == "" and table.startswith("| layer | text:abductive")
+    assert "image:single_instance" in table
+    header, row = paths["table_csv"].read_text().splitlines()
+    header, row = header.split(","), row.split(",")
+    assert (
+        header[:3] == ["layer", "regime", "bandwidth"] and len(header) == 3 + 6 + 7
+    )  # text / image categories
+    assert row[:3] == ["0", "default", "median"] and len(row) == len(header)
     assert paths["stats_csv"].read_text().startswith("quantity,category,layer,mean")
     for key in ("encoding_figure", "response_figure"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

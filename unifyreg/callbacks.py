@@ -135,8 +135,8 @@ class EntropyProbe(Callback):
         self.adapter = adapter
         self.figures = figures
         self.skipped_examples = skipped_examples
-        #: One entry per probe: {"epoch", "global_step", "seconds", "cost", "metrics",
-        #: "summary"}.
+        #: One entry per probe: {"epoch", "global_step", "seconds", "regime" (which
+        #: bandwidth rule and regime produced it), "cost", "metrics", "summary"}.
         self.history: list[dict[str, Any]] = []
         self._epoch_started: float | None = None
 
@@ -212,6 +212,7 @@ class EntropyProbe(Callback):
             "epoch": epoch,
             "global_step": int(trainer.global_step),
             "seconds": seconds,
+            "regime": result.regime(),
             "metrics": metrics,
             "summary": result.summary(),
         }
@@ -273,7 +274,7 @@ class EntropyProbe(Callback):
     def _write_history(self) -> None:
         if self.output_dir is None:
             return
-        keys = ("epoch", "global_step", "seconds", "cost", "metrics")
+        keys = ("epoch", "global_step", "seconds", "regime", "cost", "metrics")
         lines = [json.dumps({k: entry[k] for k in keys if k in entry}) for entry in self.history]
         atomic_write_text(self.output_dir / self.HISTORY_FILE, "\n".join(lines) + "\n")
 

@@ -41,13 +41,16 @@ __all__ = [
     "LossConfig",
     "ModelSource",
     "OptimConfig",
+    "PROBE_PRESETS",
     "PretrainToyConfig",
     "ProbeConfig",
     "ProbeRunConfig",
     "RANGE_CHECKS",
     "SweepConfig",
+    "canonical_bandwidth",
     "config_hash",
     "load_config",
+    "probe_regime",
     "to_yaml",
 ]
 
@@ -114,17 +117,62 @@ def _non_empty(values: Any) -> str | None:
 
 
 def _bandwidth(value: Any) -> str | None:
-    from unifyreg.estimators import BANDWIDTH_RULES
+    from unifyreg.estimators.kernel import BANDWIDTH_RULES, parse_bandwidth_rule
 
     if isinstance(value, str):
-        if value in BANDWIDTH_RULES:
-            return None
         try:
             value = float(value)
         except ValueError:
-            rules = ", ".join(BANDWIDTH_RULES)
-            return f"must be a rule ({rules}) or a number > 0, got {value!r}"
+            try:
+                parse_bandwidth_rule(value)
+            except ValueError:
+                rules = ", ".join(BANDWIDTH_RULES)
+                return (
+                    f"must be a rule ({rules}), a rule with a factor > 0 as <rule>:<factor> "
+                    f"(e.g. rms:0.1), or a number > 0, got {value!r}"
+                )
+            return None
     return Range(0, low_open=True)(value)
+
+
+def canonical_bandwidth(value: str | float) -> str | float:
+    """A bandwidth setting as the estimators take it: a rule in its canonical spelling
+    (``"rms:0.1"``, ``"median"``) or a float (a fixed sigma; ``"0.5"`` -> 0.5)."""
+    from unifyreg.estimators.kernel import bandwidth_rule_name, parse_bandwidth_rule
+
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return bandwidth_rule_name(*parse_bandwidth_rule(value))
+    return float(value)
+
+
+#: The probe's presets: the values each gives ``alpha``, ``base`` and ``bandwidth``
+#: (README, "Comparing with the paper's Table 1"). ``default``: the median rule, which
+#: tracks changes of a model's geometry at every scale (entropies stay well below
+#: ``log2 n``); ``paper``: Silverman's rule, narrow against the distances between tokens
+#: at the widths of real models, which gives the magnitudes of the paper's Table 1
+#: (entropies close to ``log2`` of the token count).
+PROBE_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"alpha": 1.01, "base": 2.0, "bandwidth": "median"},
+    "paper": {"alpha": 1.01, "base": 2.0, "bandwidth": "silverman"},
+}
+
+
+def probe_regime(alpha: Any, base: Any, bandwidth: Any) -> str:
+    """The name of the preset whose settings these are (``default``, ``paper``), else
+    ``custom``: what every probe output states, so that values of different regimes are
+    never compared by mistake."""
+    try:
+        given = (float(alpha), float(base), canonical_bandwidth(bandwidth))
+    except (TypeError, ValueError):
+        return "custom"
+    for name, values in PROBE_PRESETS.items():
+        wanted = (values["alpha"], values["base"], canonical_bandwidth(values["bandwidth"]))
+        if given == wanted:
+            return name
+    return "custom"
 
 
 def _log_base(value: Any) -> str | None:
@@ -150,6 +198,10 @@ COUNT = Range(0, integer=True)
 
 #: Set while :func:`load_config` builds a tree, which it then checks with full keys.
 _DEFERRED = contextvars.ContextVar("unifyreg_config_deferred", default=False)
+
+#: Set while :func:`load_config` builds the schema's default tree: keys a preset fills
+#: stay unset (None) there, so that a preset given in the file or the overrides fills them.
+_SCHEMA = contextvars.ContextVar("unifyreg_config_schema", default=False)
 
 
 class Section:
@@ -220,8 +272,14 @@ class OptimConfig(Section):
 class ProbeConfig(Section):
     """Settings of the two-level entropy probe (PAPER.md; unifyreg's defaults).
 
+    - ``preset``: ``""`` (none), ``"default"`` or ``"paper"`` (:data:`PROBE_PRESETS`): sets
+      ``alpha``, ``base`` and ``bandwidth`` together. Those keys left unset (None) take the
+      preset's values (without a preset: the ``default`` preset's); with a preset, a key
+      set to another value than the preset's is a ConfigError;
     - ``alpha``: Renyi order (the paper: 1.01); ``base``: log base (2 = bits, as Table 1);
-    - ``bandwidth``: a rule (``"median"``: per sequence) or a number (a fixed sigma);
+    - ``bandwidth``: a rule of :data:`unifyreg.estimators.BANDWIDTH_RULES`, optionally
+      with a factor (``"median"``, ``"rms:0.1"``, ``"silverman"``), or a number (a fixed
+      sigma);
     - ``layers``: layer indices to probe (0 = input embeddings; negative count from the
       end); empty = all;
     - ``final_norm``: take the last layer after the model's final norm (as
@@ -243,9 +301,10 @@ class ProbeConfig(Section):
     """
 
     _prefix = "probe"
-    alpha: float = 1.01
-    base: float = 2.0
-    bandwidth: str | float = "median"
+    preset: Literal["", "default", "paper"] = ""
+    alpha: float | None = None
+    base: float | None = None
+    bandwidth: str | float | None = None
     layers: list[int] = field(default_factory=list)
     final_norm: bool = False
     batch_size: int = 16
@@ -260,16 +319,44 @@ class ProbeConfig(Section):
     def __post_init__(self) -> None:
         if isinstance(self.slq, dict):  # Python convenience: ProbeConfig(slq={...})
             self.slq = _nested(SLQSettings, self.slq, f"{self._prefix}.slq")
+        if not _SCHEMA.get():
+            self._apply_preset()
         super().__post_init__()
+
+    def _apply_preset(self) -> None:
+        """Fill the unset regime keys from the preset; note the ones set otherwise."""
+        values = PROBE_PRESETS.get(self.preset or "default", PROBE_PRESETS["default"])
+        self._preset_conflicts = []
+        for name, value in values.items():
+            given = getattr(self, name)
+            if given is None:
+                setattr(self, name, value)
+            elif self.preset in PROBE_PRESETS and not _same_setting(given, value):
+                self._preset_conflicts.append(name)
+
+    def check(self) -> None:
+        if self.preset and self.preset not in PROBE_PRESETS:
+            raise ConfigError(
+                f"preset must be one of '', {', '.join(PROBE_PRESETS)}, got {self.preset!r}"
+            )
+        for name in getattr(self, "_preset_conflicts", ()):
+            wanted = PROBE_PRESETS[self.preset][name]
+            raise ConfigError(
+                f"{name}={getattr(self, name)!r} conflicts with the preset {self.preset!r}, "
+                f"which sets {name}={wanted!r}: leave {name} unset, or drop the preset"
+            )
 
     @property
     def sigma(self) -> float | str:
-        """The bandwidth as the estimators take it (a rule name or a float)."""
-        from unifyreg.estimators import BANDWIDTH_RULES
+        """The bandwidth as the estimators take it (a rule in its canonical spelling, or a
+        float)."""
+        return canonical_bandwidth(self.bandwidth)
 
-        if isinstance(self.bandwidth, str) and self.bandwidth in BANDWIDTH_RULES:
-            return self.bandwidth
-        return float(self.bandwidth)
+    @property
+    def regime(self) -> str:
+        """``default``, ``paper`` (the settings of that preset) or ``custom``
+        (:func:`probe_regime`)."""
+        return probe_regime(self.alpha, self.base, self.bandwidth)
 
     @property
     def torch_dtype(self):
@@ -282,6 +369,16 @@ class ProbeConfig(Section):
     def slq_settings(self) -> SLQSettings:
         """The ``slq`` section (an :class:`~unifyreg.estimators.SLQSettings`)."""
         return self.slq
+
+
+def _same_setting(given: Any, wanted: Any) -> bool:
+    """Whether a given regime value equals the preset's (bandwidths compared canonically)."""
+    try:
+        if isinstance(wanted, str):
+            return canonical_bandwidth(given) == canonical_bandwidth(wanted)
+        return float(given) == float(wanted)
+    except (TypeError, ValueError):
+        return False
 
 
 def _nested(cls: type, values: dict, prefix: str) -> Any:
@@ -766,7 +863,12 @@ def load_config(
     unknown key, a value of the wrong type, an out-of-range value, a malformed override
     or an unreadable file.
     """
-    base = OmegaConf.structured(schema)
+    tokens = _DEFERRED.set(True), _SCHEMA.set(True)
+    try:
+        base = OmegaConf.structured(schema)
+    finally:
+        _SCHEMA.reset(tokens[1])
+        _DEFERRED.reset(tokens[0])
     layers: list[DictConfig] = []
     if path is not None:
         path = Path(path)

@@ -78,7 +78,9 @@ def divergence_loss(
     See the module docstring for the formula. Differentiable in ``hidden_states``; the
     estimator runs in ``dtype`` and the value is returned in float64. ``bandwidth``:
     ``"median_differentiable"`` (the median with its gradient: the default) or
-    ``"median"`` (detached).
+    ``"median"`` (detached); the estimators' narrow rules (``"silverman"``, ``"rms:0.1"``)
+    run too, but their gradient vanishes and most of their value is pinned by token
+    counts (measured: README, "Can the loss use the paper's regime?").
     """
     wanted = [q for part in parts for q in PAIRS[part]]
     # Under autocast a float32 Gram would silently run in bf16/fp16: keep the estimator

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unifyreg.config import ProbeConfig
+from unifyreg.config import ProbeConfig, canonical_bandwidth, probe_regime
 from unifyreg.fileio import atomic_write_json
 from unifyreg.quantities import PAIRS, QUANTITIES, batch_quantities
 
@@ -203,12 +203,36 @@ class ProbeResult:
     def load(cls, path: str | Path) -> ProbeResult:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def regime(self) -> dict[str, Any]:
+        """Which estimator settings produced these values: ``{"regime", "bandwidth",
+        "alpha", "base"}`` (``regime``: ``default``, ``paper`` or ``custom``, see
+        :func:`unifyreg.config.probe_regime`; ``bandwidth``: the rule in its canonical
+        spelling, or the fixed sigma). A result without settings (written by hand) says
+        ``unknown``."""
+        alpha, base = self.settings.get("alpha"), self.settings.get("base")
+        bandwidth = self.settings.get("bandwidth")
+        if alpha is None or base is None or bandwidth is None:
+            return {"regime": "unknown", "bandwidth": bandwidth, "alpha": alpha, "base": base}
+        try:
+            bandwidth = canonical_bandwidth(bandwidth)
+        except (TypeError, ValueError):  # a hand-written setting: reported as written
+            pass
+        return {
+            "regime": probe_regime(alpha, base, bandwidth),
+            "bandwidth": bandwidth,
+            "alpha": float(alpha),
+            "base": float(base),
+        }
+
     def summary(self) -> dict[str, Any]:
-        """Compact JSON-ready summary: scores and per-layer statistics (raw and normalised)."""
+        """Compact JSON-ready summary: the regime that produced it (:meth:`regime`: top-level
+        ``regime``, ``bandwidth``, ``alpha``, ``base``), scores and per-layer statistics
+        (raw and normalised)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             scores = self.scores()
         return {
+            **self.regime(),
             "layers": list(self.layers),
             "scores": scores,
             "stats": {

@@ -7,6 +7,7 @@ close them. Tables are plain strings.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from unifyreg.quantities import QUANTITIES  # noqa: E402
 __all__ = [
     "ablation_figures",
     "close_figures",
+    "probe_caption",
     "probe_history_figures",
     "probe_result_figures",
     "probe_stats_csv",
@@ -46,14 +48,41 @@ def _column(result: ProbeResult, layer: int | None) -> int:
     return result.layers.index(layer)
 
 
+def _units(base: Any) -> str:
+    if base is None:
+        return "unknown units"
+    if float(base) == 2.0:
+        return "bits"
+    return "nats" if abs(float(base) - math.e) < 1e-12 else f"log base {float(base):g}"
+
+
+def probe_caption(result: ProbeResult, layer: int | None = None) -> str:
+    """One line that says what a probe table holds and which regime produced it: layer,
+    units, alpha, the bandwidth rule and the regime (``default``, ``paper``, ``custom``)."""
+    info = result.regime()
+    column = _column(result, layer)
+    alpha = "?" if info["alpha"] is None else f"{info['alpha']:g}"
+    return (
+        f"Mean prompt entropy at layer {result.layers[column]} ({_units(info['base'])}, "
+        f"alpha {alpha}); regime: {info['regime']}, bandwidth: {info['bandwidth']}"
+    )
+
+
 def probe_table(result: ProbeResult, layer: int | None = None, fmt: str = "markdown") -> str:
     """Table-1-style table: mean entropy per prompt category at one layer (default: the
     first probed, i.e. the embedding entropy when layer 0 is probed), text categories
-    then image categories; ``fmt`` is ``"markdown"`` or ``"csv"``."""
+    then image categories; ``fmt`` is ``"markdown"`` or ``"csv"``. Each says which regime
+    produced it: markdown with a caption line above the table (:func:`probe_caption`),
+    CSV with the columns ``regime`` and ``bandwidth`` after ``layer``."""
     if fmt not in ("markdown", "csv"):
         raise ValueError(f"fmt must be 'markdown' or 'csv', got {fmt!r}")
     column = _column(result, layer)
-    header, cells = ["layer"], [str(result.layers[column])]
+    info = result.regime()
+    if fmt == "csv":
+        header = ["layer", "regime", "bandwidth"]
+        cells = [str(result.layers[column]), info["regime"], str(info["bandwidth"])]
+    else:
+        header, cells = ["layer"], [str(result.layers[column])]
     for q in ("encoding/text", "encoding/image"):
         for category, st in result.stats(q).items():
             if category == "all":
@@ -63,7 +92,8 @@ def probe_table(result: ProbeResult, layer: int | None = None, fmt: str = "markd
     if fmt == "csv":
         return ",".join(header) + "\n" + ",".join(cells) + "\n"
     return (
-        "| "
+        probe_caption(result, layer)
+        + "\n\n| "
         + " | ".join(header)
         + " |\n|"
         + "---|" * len(header)

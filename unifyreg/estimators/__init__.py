@@ -10,8 +10,10 @@ leading dimensions (layers, samples): ``Z`` has shape ``[..., n, d]``.
   ``-log ||A||_F^2`` (no eigendecomposition).
 - Bounds: ``0 <= H <= log n``; 0 when all tokens are identical. ``log n`` needs a Gram
   near the identity, i.e. a bandwidth small against the distances between tokens: a
-  fixed ``sigma`` gives it for far-apart tokens; the median rule never does (at least
-  half of the off-diagonal entries are ``>= exp(-1/2)``).
+  narrow rule gives it for distinct tokens (``"silverman"`` at the widths of real models,
+  ``"rms:0.1"``, a small fixed ``sigma``); the median rule never does (at least half of
+  the off-diagonal entries are ``>= exp(-1/2)``, so at order 2 ``H <= log2(2e) = 2.44``
+  bits for any n).
 - Conditional-entropy proxy (PAPER.md): ``H(R | P) ~= H(K_joint) - H(K_pp)`` where
   ``K_joint`` is the Gram of the concatenation ``[P; R]`` and ``K_pp`` its prompt block.
 
@@ -37,9 +39,10 @@ matching the magnitudes of the paper's Table 1). Nothing returns NaN silently:
 non-finite inputs raise ``ValueError`` unless ``nan_policy="propagate"`` is asked for,
 in which case exactly the affected sequences come back as NaN.
 
-Gradients: the bandwidth is treated as a constant (computed without gradient), so the
-gradient is that of the entropy at a fixed kernel, unless ``"median_differentiable"``
-is asked for.
+Gradients: the ``"median"`` bandwidth is treated as a constant (computed without
+gradient), so the gradient is that of the entropy at a fixed kernel;
+``"median_differentiable"``, ``"rms"`` and ``"silverman"`` keep their gradient
+(:data:`~unifyreg.estimators.kernel.BANDWIDTH_RULE_TABLE`).
 """
 
 from __future__ import annotations
@@ -79,16 +82,21 @@ from unifyreg.estimators.exact import (
     renyi_entropy_exact,
 )
 from unifyreg.estimators.kernel import (
+    BANDWIDTH_RULE_TABLE,
     BANDWIDTH_RULES,
     MIN_MEDIAN_BANDWIDTH,
     SYMMETRIC_GRAM_MIN_TOKENS,
     Bandwidth,
+    BandwidthRule,
     calibrate_bandwidth,
     check_bandwidth,
     gaussian_gram,
     median_bandwidth,
     pairwise_sq_distances,
+    parse_bandwidth_rule,
     resolve_bandwidth,
+    rms_bandwidth,
+    silverman_bandwidth,
 )
 from unifyreg.estimators.segments import Segments, TokenBatch, joint_sq_distances
 from unifyreg.estimators.slq import (
@@ -104,7 +112,9 @@ from unifyreg.estimators.subsample import subsample_tokens
 
 __all__ = [
     "BANDWIDTH_RULES",
+    "BANDWIDTH_RULE_TABLE",
     "Bandwidth",
+    "BandwidthRule",
     "EIGENVALUE_FLOOR",
     "METHODS",
     "MIN_MEDIAN_BANDWIDTH",
@@ -123,8 +133,11 @@ __all__ = [
     "median_bandwidth",
     "normalize_by_count",
     "pairwise_sq_distances",
+    "parse_bandwidth_rule",
     "renyi_entropy",
     "resolve_bandwidth",
+    "rms_bandwidth",
+    "silverman_bandwidth",
     "subsample_tokens",
 ]
 
@@ -222,8 +235,9 @@ def matrix_entropy(
         method, compute = _exact_where_as_cheap(method, compute, settings, alpha, Z.index.shape[1])
         if method == "exact" and Z.batch.shares_distances(compute, max_gram_bytes):
             D, ok = joint_sq_distances([Z], compute)
+            width = Z.batch.layers[0].shape[-1]
             values = entropy_of_sq_distances(
-                D, alpha, sigma, base, Z.layer_mask.reshape(D.shape[:-1])
+                D, alpha, sigma, base, Z.layer_mask.reshape(D.shape[:-1]), width
             ).view(ok.shape)
             return _finish_shared(values, ok, Z.counts, normalize, base, nan_policy)
         mask = Z.layer_mask
@@ -307,8 +321,9 @@ def conditional_entropy_proxy(
         if method == "exact" and Zp.batch.shares_distances(compute, max_gram_bytes):
             D, ok = joint_sq_distances([Zp, Zr], compute)
             joint_mask = torch.cat([Zp.layer_mask, Zr.layer_mask], dim=-1)
+            width = Zp.batch.layers[0].shape[-1]
             values = proxy_of_sq_distances(
-                D, Zp.index.shape[1], alpha, sigma, base, joint_mask.reshape(D.shape[:-1])
+                D, Zp.index.shape[1], alpha, sigma, base, joint_mask.reshape(D.shape[:-1]), width
             ).view(ok.shape)
             return _finish_shared(values, ok, Zp.counts + Zr.counts, normalize, base, nan_policy)
         mask_p, mask_r = Zp.layer_mask, Zr.layer_mask

@@ -84,21 +84,33 @@ def check_sq_distances(D: Tensor, mask: Tensor | None) -> Tensor | None:
 
 @torch.no_grad()
 def entropy_of_sq_distances(
-    D: Tensor, alpha: float, sigma: Bandwidth, base: float, mask: Tensor | None
+    D: Tensor,
+    alpha: float,
+    sigma: Bandwidth,
+    base: float,
+    mask: Tensor | None,
+    width: int | None = None,
 ) -> Tensor:
     """Entropy ``[B]`` of sequences given their squared pair distances ``D`` ``[B, n, n]``
-    (symmetric, zero diagonal, finite, in the compute dtype). ``D`` is consumed."""
-    return renyi_entropy_in_place(gram_from_sq_distances_(D, sigma, mask), alpha, base)
+    (symmetric, zero diagonal, finite, in the compute dtype; ``width``: the tokens' d, for
+    the rules that need it). ``D`` is consumed."""
+    return renyi_entropy_in_place(gram_from_sq_distances_(D, sigma, mask, width), alpha, base)
 
 
 @torch.no_grad()
 def proxy_of_sq_distances(
-    D: Tensor, n: int, alpha: float, sigma: Bandwidth, base: float, mask: Tensor | None
+    D: Tensor,
+    n: int,
+    alpha: float,
+    sigma: Bandwidth,
+    base: float,
+    mask: Tensor | None,
+    width: int | None = None,
 ) -> Tensor:
     """``H(K_joint) - H(K_pp)`` ``[B]`` given the squared distances ``D`` ``[B, n + m,
     n + m]`` of the joint sequences (the prompt's ``n`` positions first); one bandwidth per
     joint sequence. ``D`` is consumed."""
-    K = gram_from_sq_distances_(D, sigma, mask)
+    K = gram_from_sq_distances_(D, sigma, mask, width)
     K_pp = K[:, :n, :n].clone()
     joint = renyi_entropy_in_place(K, alpha, base)
     del K
@@ -126,7 +138,8 @@ def entropy_blocked(
     for piece in chunks(total, size):
         piece_mask = part(flat_mask, piece)
         D = sq_distances_no_grad(flat_Z[piece], piece_mask)
-        out.append(entropy_of_sq_distances(D, alpha, part(flat_sigma, piece), base, piece_mask))
+        sigma_piece = part(flat_sigma, piece)
+        out.append(entropy_of_sq_distances(D, alpha, sigma_piece, base, piece_mask, d))
         del D
     return torch.cat(out).reshape(batch_shape)
 
@@ -152,6 +165,7 @@ def proxy_blocked(
     for piece in chunks(total, size):
         piece_mask = part(flat_mask, piece)
         D = sq_distances_no_grad(flat_Z[piece], piece_mask)
-        out.append(proxy_of_sq_distances(D, n, alpha, part(flat_sigma, piece), base, piece_mask))
+        sigma_piece = part(flat_sigma, piece)
+        out.append(proxy_of_sq_distances(D, n, alpha, sigma_piece, base, piece_mask, d))
         del D
     return torch.cat(out).reshape(batch_shape)

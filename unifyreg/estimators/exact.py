@@ -22,7 +22,6 @@ from torch import Tensor
 
 from unifyreg.estimators._checks import check_alpha, check_base
 from unifyreg.estimators.kernel import (
-    BANDWIDTH_RULES,
     MIN_MEDIAN_BANDWIDTH,
     Bandwidth,
     _cancellation_threshold,
@@ -31,6 +30,9 @@ from unifyreg.estimators.kernel import (
 )
 
 __all__ = ["EIGENVALUE_FLOOR", "renyi_entropy_exact"]
+
+#: The bandwidth rules :class:`GaussianRenyi2` computes itself (the median, without factor).
+MEDIAN_RULES = ("median", "median_differentiable")
 
 #: Eigenvalues of the trace-normalised Gram below this value are treated as exact zeros.
 #: They are LAPACK round-off (|error| ~ n * 1e-16) and would otherwise give infinite
@@ -219,7 +221,7 @@ def _renyi2_applies(Z: Tensor, alpha: float, sigma: Bandwidth) -> bool:
     return (
         alpha == 2.0
         and isinstance(sigma, str)
-        and sigma in BANDWIDTH_RULES
+        and sigma in MEDIAN_RULES
         and Z.dim() >= 3
         and torch.is_grad_enabled()
         and Z.requires_grad

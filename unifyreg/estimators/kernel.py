@@ -9,12 +9,28 @@
   repeated tokens depends on which BLAS kernel computed the round-off).
 - ``K_ij = exp(-D_ij / (2 sigma^2))`` with one bandwidth ``sigma`` per sequence, from a
   rule (:func:`resolve_bandwidth`).
+
+Bandwidth rules by name (:data:`BANDWIDTH_RULE_TABLE`, the one list of them), each
+optionally scaled by a factor: ``"<rule>"`` or ``"<rule>:<factor>"`` (``"rms:0.1"``:
+0.1 times the rule's value). Every rule is a statistic of one sequence's own distances,
+so every rule is scale invariant (scaling Z by c scales sigma by c); what separates them
+is how small sigma is against the distances between the tokens, and so how close the
+entropy comes to ``log n`` (README, "Comparing with the paper's Table 1"):
+
+- ``median``: the median pair distance (no gradient); ``median_differentiable``: the
+  same value with its gradient;
+- ``rms``: the root mean square pair distance ``sqrt(mean_{i<j} D_ij)`` (with gradient);
+- ``silverman``: Silverman's normal-reference rule of thumb for a d-dimensional Gaussian
+  kernel, ``(4 / (d + 2))^(1 / (d + 4)) * s * n^(-1 / (d + 4))`` with ``s`` the pooled
+  per-coordinate standard deviation, ``s^2 = tr Cov / d = mean_{i<j} D_ij / (2 d)``
+  (with gradient; needs the token width d).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,27 +39,64 @@ from unifyreg.estimators._checks import as_mask, check_sequences
 
 __all__ = [
     "BANDWIDTH_RULES",
+    "BANDWIDTH_RULE_TABLE",
     "CANCELLATION_FACTOR",
     "MIN_MEDIAN_BANDWIDTH",
     "SYMMETRIC_GRAM_MIN_TOKENS",
     "Bandwidth",
+    "BandwidthRule",
+    "bandwidth_rule_name",
     "calibrate_bandwidth",
     "gaussian_gram",
     "median_bandwidth",
     "pairwise_sq_distances",
+    "parse_bandwidth_rule",
     "resolve_bandwidth",
+    "rms_bandwidth",
+    "silverman_bandwidth",
 ]
 
 #: A bandwidth: a positive float, the name of a rule (:data:`BANDWIDTH_RULES`), or a
 #: tensor of shape ``[...]`` with one positive value per sequence.
 Bandwidth = float | str | Tensor
 
-#: The bandwidth rules given by name: ``"median"`` (per sequence, without gradient) and
-#: ``"median_differentiable"`` (the same value, with gradient).
-BANDWIDTH_RULES = ("median", "median_differentiable")
 
-#: Smallest bandwidth the median rule returns; applies when the tokens of a sequence are
-#: (numerically) identical, where every such bandwidth gives K = all-ones and entropy 0.
+@dataclass(frozen=True)
+class BandwidthRule:
+    """A bandwidth rule given by name: its ``formula`` (per sequence, before the optional
+    factor), whether the bandwidth keeps its ``gradient``, and whether it ``needs_width``
+    (the token width d, which squared distances alone do not tell)."""
+
+    name: str
+    formula: str
+    gradient: bool
+    needs_width: bool = False
+
+
+#: Every bandwidth rule given by name (module docstring), in one table: the estimators,
+#: the config's ``probe.bandwidth`` check and the README read it.
+BANDWIDTH_RULE_TABLE: dict[str, BandwidthRule] = {
+    rule.name: rule
+    for rule in (
+        BandwidthRule("median", "median_{i<j} ||z_i - z_j||", gradient=False),
+        BandwidthRule("median_differentiable", "median_{i<j} ||z_i - z_j||", gradient=True),
+        BandwidthRule("rms", "sqrt(mean_{i<j} ||z_i - z_j||^2)", gradient=True),
+        BandwidthRule(
+            "silverman",
+            "(4/(d+2))^(1/(d+4)) s n^(-1/(d+4)), s^2 = mean_{i<j} ||z_i - z_j||^2 / (2d)",
+            gradient=True,
+            needs_width=True,
+        ),
+    )
+}
+
+#: The names of the bandwidth rules (keys of :data:`BANDWIDTH_RULE_TABLE`); a rule may be
+#: written ``"<name>:<factor>"`` (the rule's value times a factor > 0).
+BANDWIDTH_RULES = tuple(BANDWIDTH_RULE_TABLE)
+
+#: Smallest bandwidth the data-driven rules return (before their factor); applies when the
+#: tokens of a sequence are (numerically) identical, where every such bandwidth gives
+#: K = all-ones and entropy 0.
 MIN_MEDIAN_BANDWIDTH = 1e-6
 
 #: Distances at or below ``CANCELLATION_FACTOR * sqrt(d) * eps * max |c_i|^2`` are zero.
@@ -244,30 +297,139 @@ def median_bandwidth_by_selection(D: Tensor, mask: Tensor | None) -> Tensor:
     return out.clamp_min(0).sqrt().clamp_min(MIN_MEDIAN_BANDWIDTH)
 
 
+def _rule_error(text: str) -> str:
+    rules = ", ".join(repr(rule) for rule in BANDWIDTH_RULES)
+    return (
+        f"unknown bandwidth rule {text!r}; valid: a float > 0, {rules}, or a rule with a "
+        "factor > 0 as '<rule>:<factor>' (e.g. 'rms:0.1')"
+    )
+
+
+def parse_bandwidth_rule(text: str) -> tuple[BandwidthRule, float]:
+    """``(rule, factor)`` of a rule string ``"<name>"`` or ``"<name>:<factor>"`` (factor a
+    finite number > 0; 1 without one); ValueError naming the valid rules otherwise."""
+    name, sep, factor_text = text.strip().partition(":")
+    rule = BANDWIDTH_RULE_TABLE.get(name.strip())
+    if rule is None:
+        raise ValueError(_rule_error(text))
+    if not sep:
+        return rule, 1.0
+    try:
+        factor = float(factor_text)
+    except ValueError:
+        raise ValueError(_rule_error(text)) from None
+    if not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"the factor of bandwidth rule {text!r} must be a finite number > 0")
+    return rule, factor
+
+
+def bandwidth_rule_name(rule: BandwidthRule | str, factor: float = 1.0) -> str:
+    """The canonical spelling of a rule with a factor: ``"rms:0.1"``, ``"median"`` (factor
+    1 is left out, so ``"median:1"`` takes the median's own fast paths)."""
+    name = rule.name if isinstance(rule, BandwidthRule) else rule
+    return name if factor == 1.0 else f"{name}:{factor:g}"
+
+
+def _mean_pair_sq_distance(D: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(mean, count)`` ``[...]``: the mean of ``D_ij`` over the ordered pairs ``i != j``
+    of valid tokens (``D`` has a zero diagonal), and the number of valid tokens."""
+    n = D.shape[-1]
+    if mask is None:
+        total = D.sum(dim=(-2, -1))
+        count = torch.full(D.shape[:-2], n, dtype=D.dtype, device=D.device)
+    else:
+        pairs = mask[..., :, None] & mask[..., None, :]
+        zero = torch.zeros((), dtype=D.dtype, device=D.device)
+        total = torch.where(pairs, D, zero).sum(dim=(-2, -1))
+        count = mask.sum(dim=-1).to(D.dtype)
+    return total / (count * (count - 1)).clamp_min(1), count
+
+
+def rms_bandwidth(
+    Z: Tensor, mask: Tensor | None = None, *, sq_distances: Tensor | None = None
+) -> Tensor:
+    """Root mean square pair distance: ``sigma = sqrt(mean_{i<j} ||z_i - z_j||^2)`` over the
+    pairs of valid tokens, ``[...]`` (one bandwidth per sequence), floored at
+    ``MIN_MEDIAN_BANDWIDTH``; fewer than two valid tokens give 1.0. Equal to
+    ``sqrt(2 tr Cov)`` (sample covariance): the typical distance between two tokens.
+    Scale invariant; keeps its gradient (a smooth function of the tokens). Against the
+    median it weighs every pair, so a few far tokens widen the kernel for all."""
+    D = pairwise_sq_distances(Z, mask) if sq_distances is None else sq_distances
+    mean, count = _mean_pair_sq_distance(D, mask)
+    sigma = mean.clamp_min(MIN_MEDIAN_BANDWIDTH**2).sqrt()
+    return torch.where(count >= 2, sigma, torch.ones_like(sigma))
+
+
+def silverman_bandwidth(
+    Z: Tensor,
+    mask: Tensor | None = None,
+    *,
+    sq_distances: Tensor | None = None,
+    width: int | None = None,
+) -> Tensor:
+    """Silverman's rule of thumb for a d-dimensional Gaussian kernel (Silverman 1986, the
+    normal-reference rule), one bandwidth per sequence ``[...]``:
+
+        ``sigma = (4 / (d + 2))^(1 / (d + 4)) * s * n^(-1 / (d + 4))``
+
+    with ``n`` the sequence's valid tokens and ``s`` their pooled per-coordinate standard
+    deviation, ``s^2 = tr Cov / d = mean_{i<j} ||z_i - z_j||^2 / (2 d)`` (sample
+    covariance). ``d = 1`` gives the familiar ``1.06 s n^(-1/5)``. This is the form of the
+    matrix-based Renyi entropy literature, ``sigma = gamma n^(-1/(4+d))`` (Giraldo, Rao and
+    Principe 2015; Yu et al.), with the data's spread as the scale (Tapia and Estevez
+    2020 standardise the data first, which is the same thing); a factor
+    (``"silverman:<gamma>"``) plays the role of their ``gamma``.
+
+    ``width`` is d (default ``Z.shape[-1]``; required when ``Z`` is not the tokens). Scale
+    invariant, floored like the median, fewer than two tokens give 1.0; keeps its
+    gradient. Against the pair distances, ``sigma ~ s`` while a typical distance is
+    ``s sqrt(2 d)``: at the widths of real models (d in the thousands) the kernel is
+    narrow and the Gram of distinct tokens near the identity.
+    """
+    d = Z.shape[-1] if width is None else int(width)
+    if d < 1:
+        raise ValueError(f"silverman_bandwidth needs the token width d >= 1, got {d}")
+    D = pairwise_sq_distances(Z, mask) if sq_distances is None else sq_distances
+    mean, count = _mean_pair_sq_distance(D, mask)
+    spread = (mean / (2.0 * d)).clamp_min(MIN_MEDIAN_BANDWIDTH**2).sqrt()
+    shrink = (4.0 / (d + 2.0)) ** (1.0 / (d + 4.0)) * count.clamp_min(1) ** (-1.0 / (d + 4.0))
+    sigma = shrink * spread
+    return torch.where(count >= 2, sigma, torch.ones_like(sigma))
+
+
 def resolve_bandwidth(
     Z: Tensor,
     sigma: Bandwidth,
     mask: Tensor | None = None,
     *,
     sq_distances: Tensor | None = None,
+    width: int | None = None,
 ) -> Tensor:
     """Turn a bandwidth rule into one positive bandwidth per sequence, shape ``Z.shape[:-2]``.
 
     ``sigma`` is a positive float (the same for every sequence), ``"median"``
     (:func:`median_bandwidth` of each sequence, without gradient),
-    ``"median_differentiable"`` (the same, with gradient), or a tensor broadcastable to
+    ``"median_differentiable"`` (the same, with gradient), ``"rms"``
+    (:func:`rms_bandwidth`), ``"silverman"`` (:func:`silverman_bandwidth`; ``width`` is
+    the token width d, default ``Z.shape[-1]``), any of these with a factor
+    (``"rms:0.1"``: 0.1 times the rule's value), or a tensor broadcastable to
     ``Z.shape[:-2]`` (e.g. frozen by :func:`calibrate_bandwidth`; used without gradient).
     """
     batch_shape = Z.shape[:-2]
     if isinstance(sigma, str):
-        if sigma not in BANDWIDTH_RULES:
-            raise ValueError(
-                f"unknown bandwidth rule {sigma!r}; valid: a float > 0, "
-                f"{', '.join(repr(rule) for rule in BANDWIDTH_RULES)}"
+        rule, factor = parse_bandwidth_rule(sigma)
+        if rule.name == "rms":
+            value = rms_bandwidth(Z, mask, sq_distances=sq_distances)
+        elif rule.name == "silverman":
+            value = silverman_bandwidth(Z, mask, sq_distances=sq_distances, width=width)
+        else:
+            value = median_bandwidth(
+                Z,
+                mask,
+                sq_distances=sq_distances,
+                differentiable=rule.name == "median_differentiable",
             )
-        return median_bandwidth(
-            Z, mask, sq_distances=sq_distances, differentiable=sigma == "median_differentiable"
-        )
+        return value if factor == 1.0 else value * factor
     if isinstance(sigma, Tensor):
         value = sigma.detach().to(device=Z.device, dtype=Z.dtype)
         if not torch.all(torch.isfinite(value) & (value > 0)):
@@ -286,11 +448,7 @@ def check_bandwidth(sigma: Bandwidth) -> None:
     if isinstance(sigma, Tensor):
         return
     if isinstance(sigma, str):
-        if sigma not in BANDWIDTH_RULES:
-            raise ValueError(
-                f"unknown bandwidth rule {sigma!r}; valid: a float > 0, "
-                f"{', '.join(repr(rule) for rule in BANDWIDTH_RULES)}"
-            )
+        parse_bandwidth_rule(sigma)
         return
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
         raise TypeError(f"bandwidth must be a float, a rule name or a tensor, got {sigma!r}")
@@ -345,16 +503,22 @@ def gaussian_gram(Z: Tensor, sigma: Bandwidth = "median", mask: Tensor | None = 
     return K
 
 
-def gram_from_sq_distances_(D: Tensor, sigma: Bandwidth, mask: Tensor | None) -> Tensor:
+def gram_from_sq_distances_(
+    D: Tensor, sigma: Bandwidth, mask: Tensor | None, width: int | None = None
+) -> Tensor:
     """The Gaussian Gram ``exp(-D / (2 sigma^2))`` of squared distances ``D`` ``[B, n, n]``,
     built in ``D``'s buffer (``D`` is consumed); padded rows and columns zeroed in place
     (no pair-mask copy). From :data:`SYMMETRIC_GRAM_MIN_TOKENS` tokens the median
     bandwidth is found by selection (the same median; needs ``D`` exactly symmetric, as
-    :func:`sq_distances_no_grad` makes it)."""
+    :func:`sq_distances_no_grad` makes it). ``width``: the token width d, needed by the
+    rules that use it (``silverman``), which ``D`` does not tell."""
     if isinstance(sigma, str) and sigma == "median" and D.shape[-1] >= SYMMETRIC_GRAM_MIN_TOKENS:
         bandwidth = median_bandwidth_by_selection(D, mask)
     else:
-        bandwidth = resolve_bandwidth(D, sigma, mask, sq_distances=D)  # D.shape[:-2] = [B]
+        if isinstance(sigma, str) and width is None and parse_bandwidth_rule(sigma)[0].needs_width:
+            raise ValueError(f"bandwidth rule {sigma!r} needs the token width: pass width=")
+        # D.shape[:-2] = [B]
+        bandwidth = resolve_bandwidth(D, sigma, mask, sq_distances=D, width=width)
     K = D.mul_((-0.5 / bandwidth**2)[:, None, None]).exp_()
     if mask is not None:
         K.masked_fill_(~mask[:, :, None], 0.0).masked_fill_(~mask[:, None, :], 0.0)

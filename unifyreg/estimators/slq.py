@@ -320,7 +320,7 @@ def _renyi_from_gram_slq(
 def _gram_no_grad(Z: Tensor, sigma: Bandwidth, mask: Tensor | None) -> Tensor:
     """The Gaussian Gram of ``[B, n, d]`` without gradient, built in place."""
     with torch.no_grad():
-        return gram_from_sq_distances_(sq_distances_no_grad(Z, mask), sigma, mask)
+        return gram_from_sq_distances_(sq_distances_no_grad(Z, mask), sigma, mask, Z.shape[-1])
 
 
 @torch.no_grad()

@@ -255,7 +255,8 @@ def render_report(by_arm: dict[str, Any], cfg: AblateConfig) -> str:
         f"{ft.model.adapter}; {ft.max_epochs} epoch(s), batch {ft.batch_size}, "
         f"LoRA {'on' if ft.lora.enabled else 'off'}; L_ctx mode {ft.loss.ctx_mode} (unless "
         f"an arm says otherwise), mask ratio {ft.loss.mask_ratio}, L_div alpha "
-        f"{ft.loss.div_alpha}.",
+        f"{ft.loss.div_alpha}; probe regime {ft.probe.regime} (bandwidth "
+        f"{ft.probe.sigma}, alpha {ft.probe.alpha:g}).",
         "Scores are unifyreg's own definitions (not the paper's): lower `encoding_gap` and "
         "`final_gap`, and `response_split` nearer 0, mean less divergence. Accuracies are "
         "exact-match on the toy (`transfer` = held-out reasoning transfer). ± is the half "
