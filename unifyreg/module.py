@@ -118,10 +118,13 @@ class UMMModule(L.LightningModule):
             )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        # The family's own objective first (Show-o draws its masked image positions here),
+        # with the global random state that checkpoints save; the loss terms see the result.
+        batch = self.adapter.training_batch(batch)
         want_hidden = self.hidden_states_for_terms and bool(self.loss_terms)
         out = self.adapter.forward(batch, output_hidden_states=want_hidden)
         loss = out.task_loss
-        batch_size = int(batch["input_ids"].shape[0])
+        batch_size = int(batch["roles"].shape[0])
         logs: dict[str, Any] = {
             "loss/task": loss.detach(),
             "loss/text": out.text_loss.detach(),
