@@ -240,8 +240,8 @@ class HookedAdapter(Adapter):
             raise TypeError(f"the hooked adapter's step must return a HookedStep, got {result!r}")
         roles = batch["roles"]
         states = captured.states() if captured is not None else None
-        for layer, state in zip(chosen, states or (), strict=True):
-            if tuple(state.shape[:2]) != tuple(roles.shape):
+        for layer, state in zip(chosen, states or [None] * len(chosen), strict=True):
+            if state is not None and tuple(state.shape[:2]) != tuple(roles.shape):
                 raise ValueError(
                     f"hidden state {layer} is {list(state.shape)}, but the batch's roles are "
                     f"{list(roles.shape)}: roles must label the blocks' sequence, batch first "
