@@ -1,7 +1,9 @@
 """The LightningModule that trains any registered adapter.
 
 ``UMMModule`` reads only the adapter seam: ``adapter.encode`` builds batches (used as the
-DataLoader's ``collate_fn``), ``adapter.forward`` returns the task losses. Extra loss terms
+DataLoader's ``collate_fn``), ``adapter.training_batch`` applies the family's own objective
+to each training batch (Show-o's masked image codes), ``adapter.forward`` returns the task
+losses. Extra loss terms
 (the contextual-prediction regularizer) plug in through ``loss_terms``: callables
 ``term(adapter, batch, output, step) -> (weighted_loss, logs)``.
 
