@@ -477,3 +477,40 @@ def test_toy_grids_are_accepted_as_images(adapter):
     example = ManifestExample("attribute", PROMPT, prompt_image=grid, response_text=ANSWER)
     batch = adapter.encode([example])
     assert int((batch["roles"] == R.IMAGE_PROMPT).sum()) == IMAGE_TOKENS[adapter.name]
+
+
+# ---------------------------------------------------------------------- masked prediction
+
+
+@pytest.mark.parametrize("family", ["emu3", "janus"])
+def test_masked_positions_score_each_masked_image_position_itself(family, checkpoints):
+    """The seam's masked prediction on a family without a mask token: an embedding hook
+    must replace the masked inputs; the image head at each masked position is scored
+    against its own token, under the omni-attention mask (image tokens see each other)."""
+    from unifyreg.adapters.base import omni_attention_mask
+
+    adapter = FAMILIES[family][0].load(checkpoints[family])
+    batch = adapter.encode(_examples()[1:])
+    image = batch["roles"] == R.IMAGE_RESPONSE
+    masked = image & (torch.arange(image.shape[1]) % 3 == 0)
+    batch = {**batch, "masked_positions": masked}
+    with pytest.raises(ValueError, match="has no mask token"):
+        adapter.forward(batch)
+    fill = torch.zeros(adapter.hidden_size)
+
+    def hook(embeds, _batch):
+        return torch.where(masked[..., None], fill, embeds)
+
+    with torch.no_grad():
+        out = adapter.forward(batch, embedding_hook=hook, output_hidden_states=False)
+        embeds = hook(adapter.input_embeddings(batch), batch)
+        mask = omni_attention_mask(batch["roles"], batch["attention_mask"])
+        final = adapter.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    b, t = torch.nonzero(masked, as_tuple=True)
+    if family == "janus":
+        logits = adapter.base_model.model.generation_head(final[b, t])
+        labels = batch["generation_image_codes"][b, t]
+    else:
+        logits, labels = adapter.lm_head(final[b, t]), batch["input_ids"][b, t]
+    torch.testing.assert_close(out.image_loss, torch.nn.functional.cross_entropy(logits, labels))
+    assert int(out.image_tokens) == int(masked.sum()) > 0

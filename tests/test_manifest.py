@@ -97,3 +97,53 @@ def test_toy_adapter_probes_manifest_images(image_dir, tiny_adapter):
     assert (batch["input_ids"][0] == red).sum() == 4  # the PNG's top row read back exactly
     result = run_probe(tiny_adapter, examples, ProbeConfig())
     assert len(result.records["encoding/image"]) == 1 and len(result.records["response/image"]) == 1
+
+
+def test_image_codes_are_read_from_npy_files(tmp_path):
+    from unifyreg.images import ImageCodes, as_rgb_image
+
+    np.save(tmp_path / "grid.npy", np.arange(16).reshape(4, 4))
+    np.save(tmp_path / "flat.npy", np.arange(8, dtype=np.int32))
+    path = _write(
+        tmp_path / "m.jsonl",
+        [
+            {"text": "draw", "response_image_codes": "grid.npy", "category": "composition"},
+            {"text": "what is it", "image_codes": "flat.npy", "response": "a cat"},
+        ],
+    )
+    t2i, understanding = read_manifest(path).examples
+    assert isinstance(t2i.response_image, ImageCodes) and t2i.task == "t2i"
+    assert t2i.response_image.codes.shape == (4, 4) and t2i.response_image.flat.dtype == np.int64
+    assert understanding.task == "understanding"
+    assert np.array_equal(understanding.prompt_image.flat, np.arange(8))
+    with pytest.raises(ValueError, match="holds image codes.*showo"):
+        as_rgb_image(t2i.response_image, "response_image")
+
+
+@pytest.mark.parametrize(
+    "row, content, message",
+    [
+        (
+            {"text": "a", "image": "x.png", "image_codes": "c.npy", "response": "b"},
+            None,
+            "not both",
+        ),
+        ({"text": "a", "response_image_codes": "missing.npy"}, None, "does not exist"),
+        ({"text": "a", "response_image_codes": "c.npy"}, np.zeros(3), "integer array"),
+        ({"text": "a", "response_image_codes": "c.npy"}, -np.ones(3, int), "must be >= 0"),
+        ({"text": "a", "response_image_codes": "c.npy"}, b"junk", "not a readable .npy"),
+        (
+            {"text": "a", "response": "b", "response_image_codes": "c.npy"},
+            np.ones(2, int),
+            "not both",
+        ),
+    ],
+)
+def test_bad_code_files_are_named_by_file_and_line(tmp_path, row, content, message):
+    if isinstance(content, bytes):
+        (tmp_path / "c.npy").write_bytes(content)
+    elif content is not None:
+        np.save(tmp_path / "c.npy", content)
+    path = _write(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(ManifestError, match=rf"bad\.jsonl:1: .*{message}"):
+        read_manifest(path)

@@ -125,7 +125,11 @@ def _assert_files_complete(run_dir):
         ("every_n_epochs=0", "every_n_epochs must be an integer >= 1"),
         ("max_epochs=two", "bad value for config key 'max_epochs'"),
         ("lora.rank=4", "unknown config key 'lora.rank'; valid keys under lora: enabled, r,"),
-        ("model.adapter=gpt5", "unknown adapter 'gpt5'; registered: chameleon, emu3, janus, toy"),
+        (
+            "model.adapter=gpt5",
+            "unknown adapter 'gpt5'; registered: chameleon, emu3, glm_image, hooked, janus, showo, "
+            "toy",
+        ),
         ("model.path=/no/such/model", "model.path: directory '/no/such/model' does not exist"),
     ],
 )

@@ -2,18 +2,23 @@
 
 An *index image* is a 2-D integer array of palette indices (the synthetic world's grids
 are index images); it is drawn with :data:`PALETTE_RGB`, one ``cell_px`` square per
-cell. This module depends on NumPy and PIL only, so model families and the toy world
-both read images through it without depending on each other.
+cell. An image may also arrive already tokenised, as :class:`ImageCodes` (a manifest's
+``image_codes`` / ``response_image_codes``, or a family's generated codes): only
+adapters whose image tokenizer is outside the model read those (``showo``), and
+:func:`as_rgb_image` refuses them with a message saying so. This module depends on NumPy
+and PIL only, so model families and the toy world both read images through it without
+depending on each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["PALETTE_RGB", "as_rgb_image", "render_index_image"]
+__all__ = ["PALETTE_RGB", "ImageCodes", "as_rgb_image", "render_index_image"]
 
 #: RGB triple of each palette index (index 0 black, then red, green, blue, yellow, white,
 #: orange, purple): the colours of the synthetic world's grids.
@@ -45,9 +50,50 @@ def render_index_image(
     return np.repeat(np.repeat(rgb, int(cell_px), axis=0), int(cell_px), axis=1)
 
 
+@dataclass(frozen=True, eq=False)
+class ImageCodes:
+    """An image given as its image tokenizer's codes instead of pixels.
+
+    ``codes``: a 1-D or 2-D array of non-negative integers (raster order when 2-D);
+    ``preview``: optional codes of a smaller grid the family generates first (GLM-Image's
+    preview grid), else None. ``source``: where the codes came from (a file), for errors.
+    """
+
+    codes: np.ndarray
+    preview: np.ndarray | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("codes", "preview"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            array = np.asarray(value)
+            if array.dtype.kind not in "iu" or array.ndim not in (1, 2) or array.size == 0:
+                raise ValueError(
+                    f"image {name} must be a non-empty 1-D or 2-D integer array, got "
+                    f"{array.dtype} {array.shape}"
+                )
+            if int(array.min()) < 0:
+                raise ValueError(f"image {name} must be >= 0, got a minimum of {int(array.min())}")
+            object.__setattr__(self, name, array.astype(np.int64))
+
+    @property
+    def flat(self) -> np.ndarray:
+        """The codes in raster order, ``[N]`` int64."""
+        return self.codes.reshape(-1)
+
+
 def as_rgb_image(image: object, what: str = "image") -> Image.Image:
     """An RGB PIL image from a PIL image, an ``[H, W, 3]`` uint8 array, or an index image
-    (a 2-D integer array, e.g. a toy-world grid, drawn with :data:`PALETTE_RGB`)."""
+    (a 2-D integer array, e.g. a toy-world grid, drawn with :data:`PALETTE_RGB`).
+    :class:`ImageCodes` raise ValueError: codes have no pixels to draw."""
+    if isinstance(image, ImageCodes):
+        raise ValueError(
+            f"{what} holds image codes (image_codes / response_image_codes), not pixels: "
+            "only an adapter with its own image tokenizer reads codes (showo); give this "
+            "adapter an image file instead"
+        )
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):

@@ -191,6 +191,12 @@ class ContextualPredictionLoss(nn.Module):
             masked = cosine_masked_positions(roles.cpu(), generator=self._generator)
             batch["masked_positions"] = masked.to(roles.device)
         else:
+            if getattr(adapter, "image_objective", "next_token") != "next_token":
+                raise ValueError(
+                    "loss.ctx_mode=causal scores next-token image targets; adapter "
+                    f"{adapter.name!r} predicts masked image tokens: use "
+                    "loss.ctx_mode=bidirectional"
+                )
             # Next-token targets: a family objective's own masking does not apply here.
             batch.pop("masked_positions", None)
             draw = torch.rand(roles.shape, generator=self._generator)

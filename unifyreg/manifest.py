@@ -11,10 +11,18 @@ path), ``response`` (a text response) or ``response_image`` (an image response, 
 ``category`` (default ``"default"``). Relative paths are read from the manifest's folder.
 Images are opened with PIL and converted to RGB.
 
+An image may be given as precomputed codes of the family's image tokenizer instead:
+``image_codes`` (for ``image``) and ``response_image_codes`` (for ``response_image``), each
+the path of a ``.npy`` file of non-negative integers (1-D, or 2-D in raster order), read
+as :class:`unifyreg.images.ImageCodes`. Only adapters whose image tokenizer lies outside
+the model read codes (``showo``: MAGVIT-v2 is in neither transformers nor diffusers);
+the others refuse them when they encode the example.
+
 A bad line (not JSON, not an object, missing/empty ``text``, unknown field, both or
-neither response when one is required, a missing or unreadable image) raises
-:class:`ManifestError` naming the file and line, or, with ``on_bad_example="skip"``, is
-skipped and counted in :attr:`Manifest.skipped`.
+neither response when one is required, an image given both as a file and as codes, a
+missing or unreadable image or code file) raises :class:`ManifestError` naming the file
+and line, or, with ``on_bad_example="skip"``, is skipped and counted in
+:attr:`Manifest.skipped`.
 """
 
 from __future__ import annotations
@@ -24,11 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
+
+from unifyreg.images import ImageCodes
 
 __all__ = ["Manifest", "ManifestError", "ManifestExample", "read_manifest"]
 
-FIELDS = ("text", "image", "response", "response_image", "category")
+FIELDS = (
+    "text",
+    "image",
+    "image_codes",
+    "response",
+    "response_image",
+    "response_image_codes",
+    "category",
+)
 
 
 class ManifestError(ValueError):
@@ -45,9 +64,9 @@ class ManifestExample:
 
     category: str
     prompt_text: str
-    prompt_image: Image.Image | None = None
+    prompt_image: Image.Image | ImageCodes | None = None
     response_text: str | None = None
-    response_image: Image.Image | None = None
+    response_image: Image.Image | ImageCodes | None = None
     source: str = ""
 
     @property
@@ -83,6 +102,33 @@ def _open_image(root: Path, value: Any, key: str) -> Image.Image:
         raise ValueError(f"{key!r} file {str(path)!r} is not a readable image ({error})") from None
 
 
+def _open_codes(root: Path, value: Any, key: str) -> ImageCodes:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key!r} must be a non-empty path string")
+    path = Path(value) if Path(value).is_absolute() else root / value
+    if not path.is_file():
+        raise ValueError(f"{key!r} file {str(path)!r} does not exist")
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except Exception as error:  # numpy raises several types for bad files
+        raise ValueError(f"{key!r} file {str(path)!r} is not a readable .npy ({error})") from None
+    try:
+        return ImageCodes(codes, source=str(path))
+    except ValueError as error:
+        raise ValueError(f"{key!r} file {str(path)!r}: {error}") from None
+
+
+def _image_field(root: Path, data: dict, key: str) -> Image.Image | ImageCodes | None:
+    """The image of ``key`` (``image`` / ``response_image``): a file, or ``<key>_codes``."""
+    codes_key = f"{key}_codes"
+    has_file, has_codes = data.get(key) is not None, data.get(codes_key) is not None
+    if has_file and has_codes:
+        raise ValueError(f"give either {key!r} or {codes_key!r}, not both")
+    if has_codes:
+        return _open_codes(root, data[codes_key], codes_key)
+    return _open_image(root, data[key], key) if data.get(key) else None
+
+
 def _parse_line(raw: str, root: Path, require_response: bool, source: str) -> ManifestExample:
     try:
         data = json.loads(raw)
@@ -97,11 +143,15 @@ def _parse_line(raw: str, root: Path, require_response: bool, source: str) -> Ma
     if not isinstance(text, str) or not text.strip():
         raise ValueError("'text' is missing or empty")
     has_text_response = data.get("response") is not None
-    has_image_response = data.get("response_image") is not None
+    has_image_response = (
+        data.get("response_image") is not None or data.get("response_image_codes") is not None
+    )
     if has_text_response and has_image_response:
-        raise ValueError("give either 'response' or 'response_image', not both")
+        raise ValueError("give either 'response' or an image response, not both")
     if require_response and not (has_text_response or has_image_response):
-        raise ValueError("a response is required ('response' or 'response_image')")
+        raise ValueError(
+            "a response is required ('response', 'response_image' or 'response_image_codes')"
+        )
     response = data.get("response")
     if has_text_response and (not isinstance(response, str) or not response.strip()):
         raise ValueError("'response' must be a non-empty string")
@@ -111,13 +161,9 @@ def _parse_line(raw: str, root: Path, require_response: bool, source: str) -> Ma
     return ManifestExample(
         category=category,
         prompt_text=text,
-        prompt_image=_open_image(root, data["image"], "image") if data.get("image") else None,
+        prompt_image=_image_field(root, data, "image"),
         response_text=response if has_text_response else None,
-        response_image=(
-            _open_image(root, data["response_image"], "response_image")
-            if has_image_response
-            else None
-        ),
+        response_image=_image_field(root, data, "response_image"),
         source=source,
     )
 

@@ -1,7 +1,9 @@
 """The LightningModule that trains any registered adapter.
 
 ``UMMModule`` reads only the adapter seam: ``adapter.encode`` builds batches (used as the
-DataLoader's ``collate_fn``), ``adapter.forward`` returns the task losses. Extra loss terms
+DataLoader's ``collate_fn``), ``adapter.training_batch`` applies the family's own objective
+to each training batch (Show-o's masked image codes), ``adapter.forward`` returns the task
+losses. Extra loss terms
 (the contextual-prediction regularizer) plug in through ``loss_terms``: callables
 ``term(adapter, batch, output, step) -> (weighted_loss, logs)``.
 
@@ -118,11 +120,13 @@ class UMMModule(L.LightningModule):
             )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        batch = self.adapter.training_batch(batch)  # the family's own objective (masking)
+        # The family's own objective first (Show-o draws its masked image positions here),
+        # with the global random state that checkpoints save; the loss terms see the result.
+        batch = self.adapter.training_batch(batch)
         want_hidden = self.hidden_states_for_terms and bool(self.loss_terms)
         out = self.adapter.forward(batch, output_hidden_states=want_hidden)
         loss = out.task_loss
-        batch_size = int(batch["input_ids"].shape[0])
+        batch_size = int(batch["roles"].shape[0])
         logs: dict[str, Any] = {
             "loss/task": loss.detach(),
             "loss/text": out.text_loss.detach(),

@@ -70,6 +70,18 @@ ADAPTERS: dict[str, AdapterSpec] = {
         "unifyreg.adapters.chameleon:ChameleonAdapter",
         description="Chameleon / Anole (ChameleonForConditionalGeneration)",
     ),
+    "showo": AdapterSpec(
+        "unifyreg.adapters.showo:ShowoAdapter",
+        description="Show-o (PhiForCausalLM + omni-attention): masked image-token prediction",
+    ),
+    "glm_image": AdapterSpec(
+        "unifyreg.adapters.glm_image:GlmImageAdapter",
+        description="GLM-Image's AR generator (GlmImageForConditionalGeneration): image tokens",
+    ),
+    "hooked": AdapterSpec(
+        "unifyreg.adapters.hooked:HookedAdapter",
+        description="any user module: layer list + embeddings + a step function (Python only)",
+    ),
 }
 
 

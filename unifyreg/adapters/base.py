@@ -352,6 +352,12 @@ class Adapter(abc.ABC):
     name: str = ""
     #: Module-name suffixes LoRA targets by default (language model only).
     default_lora_targets: tuple[str, ...] = ()
+    #: How the family's own image loss scores images: ``next_token`` (position t - 1
+    #: predicts image token t) or ``masked`` (masked tokens predicted at their positions).
+    image_objective: str = "next_token"
+    #: Whether ``forward`` honours ``masked_positions`` (masked prediction, omni attention):
+    #: what the bidirectional ``L_ctx`` needs.
+    supports_masked_prediction: bool = False
     #: The family's layer list and final norm, as paths from :attr:`base_model`.
     layer_stack: LayerStack
     save_merged_after_finetune: bool = False

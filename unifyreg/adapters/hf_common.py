@@ -1,9 +1,11 @@
-"""Shared machinery of the adapters over native ``transformers`` UMMs (Emu3, Janus, Chameleon).
+"""Shared machinery of the adapters over ``transformers`` models (Emu3, Janus, Chameleon,
+GLM-Image, and Show-o's Phi).
 
-Each family module (``emu3.py``, ``janus.py``, ``chameleon.py``) subclasses
-:class:`TransformersAdapter` and supplies what differs: how an image becomes prompt or
-response positions, how input embeddings are built, which head scores image targets, and
-how generated image tokens become pixels. Everything else lives here, once:
+Each family module (``emu3.py``, ``janus.py``, ``chameleon.py``, ``glm_image.py``,
+``showo.py``) subclasses :class:`TransformersAdapter` and supplies what differs: how an
+image becomes prompt or response positions, how input embeddings are built, which head
+scores image targets, and how generated image tokens become pixels. Everything else lives
+here, once:
 
 - loading from a local directory (``from_pretrained(path, local_files_only=True)`` of the
   model and its processor), with clear errors for a missing or wrong directory;
@@ -14,8 +16,17 @@ how generated image tokens become pixels. Everything else lives here, once:
   starts from;
 - right-padded training batches and left-padded generation batches;
 - the teacher-forced forward pass (hidden states of the language model, text and image
-  next-token losses computed on the target positions only);
-- greedy decoding with a key/value cache.
+  next-token losses computed on the target positions only), with the seam's batch
+  conventions (:mod:`unifyreg.adapters.base`): a batch's ``attention_mask_4d`` (or, with
+  ``masked_positions``, an omni-attention mask) replaces the causal mask, and
+  ``masked_positions`` switches the image loss to masked prediction: the inputs there take
+  the family's mask token (:attr:`TransformersAdapter.mask_token_id`) unless an embedding
+  hook replaces them, and the image head at each masked position is scored against the
+  token that was there (no shift). A family whose own objective is masked prediction
+  (``image_objective = "masked"``: Show-o) scores no image target in a batch without
+  ``masked_positions``;
+- greedy decoding with a key/value cache (the family may give the prefill its own
+  attention mask and position ids: Show-o's omni-attention, GLM-Image's 3-D positions).
 
 Conventions are those of :mod:`unifyreg.adapters.toy`: a target's kind is stored at the
 target token's own position (``target_kind[t]`` describes ``input_ids[t]``, predicted from
@@ -50,6 +61,7 @@ from unifyreg.adapters.base import (
     ForwardOutput,
     LayerStack,
     cache_argument,
+    model_attention_mask,
     output_cache,
 )
 from unifyreg.images import as_rgb_image
@@ -160,25 +172,28 @@ class TokenRow:
 
 
 def byte_level_tokenizer(
-    special_tokens: Sequence[str], **named_tokens: Any
+    special_tokens: Sequence[str], first_tokens: Sequence[str] = (), **named_tokens: Any
 ) -> Any:  # transformers.PreTrainedTokenizerFast
     """A tiny byte-level BPE tokenizer (256 byte tokens, no merges) plus special tokens.
 
     Any text encodes without unknown tokens and decodes back exactly, which makes it a
-    small stand-in for the real vocabularies in tests. ``special_tokens`` are added in order
-    after the 256 bytes; ``named_tokens`` go to ``PreTrainedTokenizerFast`` (``bos_token``,
-    ``extra_special_tokens={"image_token": ...}``, ...).
+    small stand-in for the real vocabularies in tests. ``first_tokens`` (special) take ids
+    ``0 .. len(first_tokens) - 1`` (GLM-Image puts its vision tokens there), then come the
+    256 bytes, then ``special_tokens`` in order; ``named_tokens`` go to
+    ``PreTrainedTokenizerFast`` (``bos_token``, ``extra_special_tokens={"image_token": ...}``).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {byte: index for index, byte in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab = {token: index for index, token in enumerate(first_tokens)}
+    for byte in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[byte] = len(vocab)
     for token in special_tokens:
         vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(list(special_tokens))
+    backend.add_special_tokens([*first_tokens, *special_tokens])
     return PreTrainedTokenizerFast(tokenizer_object=backend, **named_tokens)
 
 
@@ -196,11 +211,12 @@ def pixels_to_pil(pixels: Tensor, image_processor: Any) -> Image.Image:
 
 
 class TransformersAdapter(Adapter):
-    """Base of the adapters over native ``transformers`` UMMs (see the module docstring).
+    """Base of the adapters over ``transformers`` models (see the module docstring).
 
     Subclasses set the class attributes below and implement the ``_image_*`` hooks;
-    ``model`` is the ``*ForConditionalGeneration`` model (possibly wrapped by peft) and
-    ``processor`` its processor (tokenizer + image processor).
+    ``model`` is the ``transformers`` model (possibly wrapped by peft) and ``processor``
+    its processor (tokenizer + image processor), or a tokenizer alone for a family whose
+    image tokenizer lies outside ``transformers`` (Show-o).
     """
 
     #: The ``transformers`` model class (``from_pretrained`` target).
@@ -211,12 +227,24 @@ class TransformersAdapter(Adapter):
     language_model_path: str = ""
     #: Per-position integer fields this family adds to a batch (besides the common ones).
     extra_fields: tuple[str, ...] = ()
+    #: Name of the final norm inside the language model.
+    final_norm_name: str = "norm"
+    #: Final names of the projections LoRA adapts inside the language model's layers.
+    lora_projections: tuple[str, ...] = LORA_PROJECTIONS
+    #: How image targets are scored in a batch without ``masked_positions``:
+    #: ``"next_token"`` (from the position before, autoregressive families) or
+    #: ``"masked"`` (none: only masked positions are ever scored; Show-o).
+    image_objective: str = "next_token"
+    supports_masked_prediction = True
+    #: Vocabulary id whose embedding replaces the inputs at ``masked_positions`` (None: the
+    #: family has none, and masked positions need an embedding hook).
+    mask_token_id: int | None = None
     default_template = PromptTemplate()
 
     def __init__(self, model: nn.Module, processor: Any, template: PromptTemplate | None = None):
         self.model = model
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.template = template or self.default_template
         config = self.text_config
         self.max_positions = int(config.max_position_embeddings)
@@ -235,8 +263,9 @@ class TransformersAdapter(Adapter):
 
     @property
     def layer_stack(self) -> LayerStack:  # type: ignore[override]
-        """The language model's ``layers`` and final ``norm``."""
-        return LayerStack(f"{self.language_model_path}.layers", f"{self.language_model_path}.norm")
+        """The language model's ``layers`` and final norm (:attr:`final_norm_name`)."""
+        path = self.language_model_path
+        return LayerStack(f"{path}.layers", f"{path}.{self.final_norm_name}")
 
     @property
     def language_model(self) -> nn.Module:
@@ -260,7 +289,7 @@ class TransformersAdapter(Adapter):
             name
             for name, module in self.base_model.named_modules()
             if name.startswith(prefix)
-            and name.rsplit(".", 1)[-1] in LORA_PROJECTIONS
+            and name.rsplit(".", 1)[-1] in self.lora_projections
             and isinstance(module, nn.Linear)
         )
 
@@ -511,18 +540,35 @@ class TransformersAdapter(Adapter):
 
     # ------------------------------------------------------------------ forward
 
+    def model_input_ids(self, batch: dict[str, Tensor]) -> Tensor:
+        """``input_ids`` as the model reads them: :attr:`mask_token_id` at the batch's
+        ``masked_positions`` when the family has a mask token (the batch keeps the
+        original tokens, which are the masked-prediction targets)."""
+        ids = batch["input_ids"].to(self.device)
+        masked = batch.get("masked_positions")
+        if masked is not None and self.mask_token_id is not None:
+            ids = ids.masked_fill(masked.to(ids.device).bool(), self.mask_token_id)
+        return ids
+
     def input_embeddings(self, batch: dict[str, Tensor]) -> Tensor:
         """``[B, S, d]`` inputs of the language model (hidden state 0) for an encoded batch."""
-        return self.embed_tokens(batch["input_ids"].to(self.device))
+        return self.embed_tokens(self.model_input_ids(batch))
 
-    def _image_target_logits(
+    def _image_logits(
         self, hidden: Tensor, batch: dict[str, Tensor], positions: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Logits and labels of the image targets at ``positions`` (``[n, 2]`` (b, t) pairs
-        of the targets; ``hidden`` is the final hidden state). Default: ``lm_head`` over the
-        shared vocabulary, labels from ``input_ids`` (Emu3, Chameleon)."""
+        """Logits and labels of the image targets at ``positions`` (``[n, 2]`` (b, t) pairs);
+        ``hidden`` ``[n, d]`` holds the final hidden state that predicts each target (the
+        position before it for next-token prediction, its own for masked prediction).
+        Default: ``lm_head`` over the shared vocabulary, labels from ``input_ids`` (Emu3,
+        Chameleon, GLM-Image, Show-o)."""
         b, t = positions.unbind(-1)
-        return self.lm_head(hidden[b, t - 1]), batch["input_ids"].to(hidden.device)[b, t]
+        return self.lm_head(hidden), batch["input_ids"].to(hidden.device)[b, t]
+
+    def _position_arguments(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Extra position keywords of the language model for a teacher-forced batch (default
+        none: the model counts positions itself; GLM-Image passes its 3-D positions)."""
+        return {}
 
     def forward(
         self,
@@ -533,16 +579,27 @@ class TransformersAdapter(Adapter):
         embedding_hook: EmbeddingHook | None = None,
         final_norm: bool = FINAL_NORM_DEFAULT,
     ) -> ForwardOutput:
-        """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract."""
+        """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract and the
+        module docstring for ``attention_mask_4d`` and ``masked_positions``."""
         device = self.device
         chosen = self.resolve_layers(layers)
-        attention_mask = batch["attention_mask"].to(device)
+        masked = batch.get("masked_positions")
+        if masked is not None and self.mask_token_id is None and embedding_hook is None:
+            raise ValueError(
+                f"the batch asks for masked prediction (masked_positions), but the "
+                f"{self.name} adapter has no mask token: pass an embedding_hook that "
+                "replaces the masked inputs"
+            )
         embeds = self.input_embeddings(batch)
         if embedding_hook is not None:
             embeds = embedding_hook(embeds, batch)
+        attention_mask = model_attention_mask(batch, device, embeds.dtype)
         with self.capture(chosen, output_hidden_states, final_norm) as captured:
             out = self.language_model(
-                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                use_cache=False,
+                **self._position_arguments(batch),
             )
         final = out.last_hidden_state
         # Position t predicts token t + 1, so a target at t >= 1 is scored from t - 1.
@@ -552,9 +609,18 @@ class TransformersAdapter(Adapter):
         b, t = text_positions.unbind(-1)
         text_logits = self.lm_head(final[b, t - 1])
         text_labels = batch["input_ids"].to(device)[b, t]
-        image_logits, image_labels = self._image_target_logits(
-            final, batch, torch.nonzero(kinds == TARGET_IMAGE)
-        )
+        if masked is not None:  # masked prediction: each masked position predicts itself
+            image_positions = torch.nonzero(masked.to(device).bool())
+            b, t = image_positions.unbind(-1)
+            image_hidden = final[b, t]
+        else:
+            if self.image_objective == "next_token":
+                image_positions = torch.nonzero(kinds == TARGET_IMAGE)
+            else:  # a masked-prediction family scores masked positions only
+                image_positions = kinds.new_zeros((0, 2))
+            b, t = image_positions.unbind(-1)
+            image_hidden = final[b, t - 1]
+        image_logits, image_labels = self._image_logits(image_hidden, batch, image_positions)
         text_loss, text_tokens = _mean_cross_entropy(text_logits, text_labels)
         image_loss, image_tokens = _mean_cross_entropy(image_logits, image_labels)
         return ForwardOutput(
@@ -570,6 +636,16 @@ class TransformersAdapter(Adapter):
 
     # ------------------------------------------------------------------ generation
 
+    def _generation_attention_mask(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
+        """The attention mask of a left-padded prompt batch's prefill (default: the 2-D
+        padding mask ``mask``; a family with its own prompt attention returns a 4-D one)."""
+        return mask
+
+    def _generation_positions(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
+        """Position ids of a left-padded prompt batch (default ``[B, S]``: counted from
+        each row's first real token, so left padding shifts nothing)."""
+        return (mask.cumsum(-1) - 1).clamp_min(0)
+
     @torch.no_grad()
     def _greedy(
         self,
@@ -579,13 +655,21 @@ class TransformersAdapter(Adapter):
         embed: Callable[[Tensor], Tensor],
         stop_id: int | None,
         batch_size: int,
+        next_positions: Callable[[Tensor, int], Tensor] | None = None,
     ) -> list[list[int]]:
         """Greedy decoding from left-padded prompts with a key/value cache.
 
         ``choose(step, hidden)`` maps the last final hidden state ``[b, d]`` to the next
         ids ``[b]`` (head, restrictions, forced layout tokens); ``embed(ids)`` gives the
-        next input embeddings ``[b, 1, d]``. Rows are cut at ``stop_id``.
+        next input embeddings ``[b, 1, d]``. ``next_positions(prompt_positions, step)``
+        gives the position ids of the token chosen at ``step`` (default: one past the
+        prompt's last position, plus ``step``). Rows are cut at ``stop_id``.
         """
+        if next_positions is None:
+
+            def next_positions(prompt_positions: Tensor, step: int) -> Tensor:
+                return prompt_positions[..., -1:] + 1 + step
+
         if batch_size < 1 or steps < 1:
             raise ValueError(
                 f"batch_size and the number of new tokens must be >= 1, got {batch_size} "
@@ -606,11 +690,11 @@ class TransformersAdapter(Adapter):
                         f"model's {self.max_positions} positions"
                     )
                 mask = batch["attention_mask"].to(device)
-                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                prompt_positions = self._generation_positions(batch, mask).to(device)
                 out = self.language_model(
                     inputs_embeds=self.input_embeddings(batch),
-                    attention_mask=mask,
-                    position_ids=positions,
+                    attention_mask=self._generation_attention_mask(batch, mask),
+                    position_ids=prompt_positions,
                     use_cache=True,
                 )
                 finished = torch.zeros(len(chunk), dtype=torch.bool, device=device)
@@ -625,11 +709,10 @@ class TransformersAdapter(Adapter):
                     if step == steps - 1:
                         break
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    positions = positions[:, -1:] + 1
                     out = self.language_model(
                         inputs_embeds=embed(next_ids),
                         attention_mask=mask,
-                        position_ids=positions,
+                        position_ids=next_positions(prompt_positions, step),
                         use_cache=True,
                         **cache_argument(self.language_model, output_cache(out)),
                     )

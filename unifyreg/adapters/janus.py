@@ -166,11 +166,12 @@ class JanusAdapter(TransformersAdapter):
             embeds = embeds.masked_scatter(generation[..., None], image_embeds.to(embeds.dtype))
         return embeds
 
-    def _image_target_logits(
+    def _image_logits(
         self, hidden: Tensor, batch: dict[str, Tensor], positions: Tensor
     ) -> tuple[Tensor, Tensor]:
+        """``generation_head`` on the predicting states, labels the generation VQ codes."""
         b, t = positions.unbind(-1)
-        logits = self.base_model.model.generation_head(hidden[b, t - 1])
+        logits = self.base_model.model.generation_head(hidden)
         return logits, batch["generation_image_codes"].to(hidden.device)[b, t]
 
     # ------------------------------------------------------------------ generation

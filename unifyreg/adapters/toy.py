@@ -111,6 +111,11 @@ class ToyAdapter(Adapter):
     layer_stack = LayerStack(blocks="model.layers", final_norm="model.norm")
     save_merged_after_finetune = True
     supports_masked_prediction = True
+
+    @property
+    def image_objective(self) -> str:  # type: ignore[override]
+        """``masked`` for the contextual objective, ``next_token`` for ``ar``."""
+        return "masked" if self.objective == "contextual" else "next_token"
     default_lora_targets = (
         "q_proj",
         "k_proj",

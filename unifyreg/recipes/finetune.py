@@ -205,11 +205,11 @@ def _check_ctx_mode(adapter, cfg: FinetuneConfig) -> None:
             f"loss.ctx_mode=bidirectional needs masked prediction (a 4-D attention mask); "
             f"adapter {cfg.model.adapter!r} does not take it: use loss.ctx_mode=causal"
         )
-    if cfg.loss.ctx_mode == "causal" and getattr(adapter, "objective", "ar") != "ar":
+    if cfg.loss.ctx_mode == "causal" and adapter.image_objective != "next_token":
         raise ConfigError(
             "loss.ctx_mode=causal scores next-token image targets, which this model's "
-            f"{adapter.objective!r} objective (bidirectional image attention) makes visible: "
-            "use loss.ctx_mode=bidirectional"
+            f"{adapter.image_objective} image objective (bidirectional image attention) does "
+            "not have: use loss.ctx_mode=bidirectional"
         )
 
 
