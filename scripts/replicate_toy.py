@@ -1,19 +1,21 @@
 """The paper's claim, controlled: ``ar`` against ``contextual`` toy bases.
 
-Builds (or reuses) toy bases with the default config for each objective and each
-pre-training seed, probes each on the toy probe set (unifyreg's default, scale-invariant
-median regime), reads each base's exact accuracies (its ``eval.json``), and reports per
-objective the mean and 95% interval over seeds of every score and accuracy, and of the
-last layer's normalised conditional entropies (does a contextual base show the
-final-layer convergence of text and image conditional entropies the paper reports for
-Harmon?). It also probes each ``ar`` base with and without the long text responses
-(caption and text-reasoning categories), to show what comparable lengths change in the
-response split. Writes ``OUT/results.json``, ``OUT/tables.md`` and
-``OUT/trajectories.png``.
+Builds (or reuses) toy bases with the default config for each pre-training variant
+(:data:`VARIANTS`: the two objectives, and the ``ar`` objective with the regularizer on
+during pre-training) and each pre-training seed, probes each on the toy probe set
+(unifyreg's default, scale-invariant median regime), reads each base's exact accuracies
+(its ``eval.json``), and reports per variant the mean and 95% interval over seeds of
+every score and accuracy and of the last layer's normalised quantities (does a
+contextual base show the final-layer convergence of text and image conditional
+entropies the paper reports for Harmon?), and each variant minus ``ar``, paired by
+seed. It also probes each ``ar`` base with and without the long text responses (caption
+and text-reasoning categories), to show what comparable lengths change in the response
+split. Writes ``OUT/results.json``, ``OUT/tables.md`` and ``OUT/trajectories.png``.
 
-Usage: ``python scripts/replicate_toy.py [--seeds 0 1 2] [--out docs/replication_toy]
-[--cache-dir .cache/unifyreg]`` (building a base takes about 5 minutes on 2 CPU cores;
-built bases are cached and reused).
+Usage: ``python scripts/replicate_toy.py [--seeds 0 1 2] [--variants ar contextual ...]
+[--out docs/replication_toy] [--cache-dir .cache/unifyreg]`` (a base takes 5 to 15
+minutes on 2 CPU cores, more with the regularizer on; built bases are cached and
+reused).
 """
 
 from __future__ import annotations
@@ -26,14 +28,22 @@ from pathlib import Path
 import numpy as np
 
 from unifyreg.adapters.toy import ToyAdapter
-from unifyreg.config import PretrainToyConfig, ProbeConfig
+from unifyreg.config import LossConfig, PretrainToyConfig, ProbeConfig
 from unifyreg.probing import run_probe
 from unifyreg.quantities import QUANTITIES
 from unifyreg.recipes.ablate import interval
 from unifyreg.sources import load_examples
 from unifyreg.toy.base import EVAL_FILE, build_toy_base
 
-OBJECTIVES = ("ar", "contextual")
+#: Pre-training variants: name -> (objective, the regularizer during pre-training).
+VARIANTS = {
+    "ar": ("ar", LossConfig()),
+    "contextual": ("contextual", LossConfig()),
+    "ar+div": ("ar", LossConfig(w_div=1.0)),
+    "ar+ctx": ("ar", LossConfig(w_ctx=1.0, ctx_mode="bidirectional")),
+}
+COLOURS = {"ar": "tab:blue", "contextual": "tab:orange", "ar+div": "tab:green",
+           "ar+ctx": "tab:red"}  # fmt: skip
 HEADLINES = (
     "transfer",
     "t2i_direct",
@@ -63,6 +73,7 @@ def probe(adapter, examples) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default="docs/replication_toy")
     parser.add_argument("--cache-dir", default=".cache/unifyreg")
     args = parser.parse_args()
@@ -72,13 +83,18 @@ def main() -> None:
     short = [e for e in examples if e.category not in LONG_TEXT]
     runs = []
     start = time.perf_counter()
-    for objective in OBJECTIVES:
+    variants = ["ar", *[v for v in args.variants if v != "ar"]]
+    for variant in variants:
+        objective, loss = VARIANTS[variant]
         for seed in args.seeds:
-            cfg = PretrainToyConfig(objective=objective, seed=seed, cache_dir=args.cache_dir)
+            cfg = PretrainToyConfig(
+                objective=objective, loss=loss, seed=seed, cache_dir=args.cache_dir
+            )
             path = build_toy_base(cfg)
             evaluation = json.loads((Path(path) / EVAL_FILE).read_text())
             adapter = ToyAdapter.load(path)
             run = {
+                "variant": variant,
                 "objective": objective,
                 "seed": seed,
                 "path": str(path),
@@ -86,46 +102,44 @@ def main() -> None:
                 "accuracies": evaluation["headline"],
                 "probe": probe(adapter, examples),
             }
-            if objective == "ar":
+            if variant == "ar":
                 run["probe_without_long_text"] = probe(adapter, short)
             runs.append(run)
-            print(f"{objective} seed {seed}: {run['accuracies']} {run['probe']['scores']}")
+            print(f"{variant} seed {seed}: {run['accuracies']} {run['probe']['scores']}")
 
-    def summary(objective, pick):
-        values = [pick(r) for r in runs if r["objective"] == objective]
+    def summary(variant, pick):
+        values = [pick(r) for r in runs if r["variant"] == variant]
         values = [v for v in values if v is not None]
         return interval(values) if values else None
 
     rows = {}
-    for objective in OBJECTIVES:
+    for variant in variants:
         row = {}
         for name in HEADLINES:
-            row[f"accuracy/{name}"] = summary(objective, lambda r, n=name: r["accuracies"].get(n))
+            row[f"accuracy/{name}"] = summary(variant, lambda r, n=name: r["accuracies"].get(n))
         for name in ("encoding_gap", "response_split", "final_gap"):
-            row[f"score/{name}"] = summary(objective, lambda r, n=name: r["probe"]["scores"].get(n))
-        for q in ("response/text", "response/image"):
-            row[f"last/{q}"] = summary(objective, lambda r, q=q: r["probe"]["last_layer"].get(q))
-        rows[objective] = row
+            row[f"score/{name}"] = summary(variant, lambda r, n=name: r["probe"]["scores"].get(n))
+        for q in QUANTITIES:
+            row[f"last/{q}"] = summary(variant, lambda r, q=q: r["probe"]["last_layer"].get(q))
+        row["last/response text - image"] = summary(variant, last_response_gap)
+        rows[variant] = row
     diffs = {}
-    paired = [
-        (a, c)
-        for a in runs
-        for c in runs
-        if a["objective"] == "ar" and c["objective"] == "contextual" and a["seed"] == c["seed"]
-    ]
-    for key in rows["ar"]:
-        group, name = key.split("/", 1)
-
-        def get(r, group=group, name=name):
-            if group == "accuracy":
-                return r["accuracies"].get(name)
-            if group == "score":
-                return r["probe"]["scores"].get(name)
-            return r["probe"]["last_layer"].get(name)
-
-        values = [get(c) - get(a) for a, c in paired if get(a) is not None and get(c) is not None]
-        if values:
-            diffs[key] = interval(values)
+    for variant in variants[1:]:
+        paired = [
+            (a, c)
+            for a in runs
+            for c in runs
+            if a["variant"] == "ar" and c["variant"] == variant and a["seed"] == c["seed"]
+        ]
+        diffs[variant] = {}
+        for key in rows["ar"]:
+            values = [
+                measure(c, key) - measure(a, key)
+                for a, c in paired
+                if measure(a, key) is not None and measure(c, key) is not None
+            ]
+            if values:
+                diffs[variant][key] = interval(values)
     lengths = [
         {
             "seed": r["seed"],
@@ -135,7 +149,7 @@ def main() -> None:
             "last_text_without": r["probe_without_long_text"]["last_layer"].get("response/text"),
         }
         for r in runs
-        if r["objective"] == "ar"
+        if r["variant"] == "ar"
     ]
 
     def fmt(stats):
@@ -143,18 +157,32 @@ def main() -> None:
             return "—"
         return f"{stats['mean']:.3f} [{stats['low']:.3f}, {stats['high']:.3f}]"
 
+    command = (
+        f"`python scripts/replicate_toy.py --seeds {' '.join(map(str, args.seeds))} "
+        f"--variants {' '.join(variants)}`"
+    )
     lines = [
-        f"Seeds {args.seeds}; mean [95% interval] over seeds; command: "
-        f"`python scripts/replicate_toy.py --seeds {' '.join(map(str, args.seeds))}`.",
+        f"Seeds {args.seeds}; mean [95% interval] over seeds; command: {command}.",
         "",
-        "| measure | ar | contextual | contextual - ar (paired by seed) |",
-        "|---|---|---|---|",
+        "| measure | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
     ]
     for key in rows["ar"]:
-        lines.append(
-            f"| {key} | {fmt(rows['ar'][key])} | {fmt(rows['contextual'][key])} "
-            f"| {fmt(diffs.get(key))} |"
-        )
+        lines.append(f"| {key} | " + " | ".join(fmt(rows[v][key]) for v in variants) + " |")
+    for variant in variants[1:]:
+        lines += [
+            "",
+            f"{variant} - ar, paired by seed (mean [95% interval]; **clear** when the "
+            "interval excludes 0):",
+            "",
+            "| measure | difference | verdict |",
+            "|---|---|---|",
+        ]
+        for key, stats in diffs[variant].items():
+            clear = stats["n"] > 1 and (stats["low"] > 0 or stats["high"] < 0)
+            lines.append(
+                f"| {key} | {fmt(stats)} | {'**clear**' if clear else 'no clear change'} |"
+            )
     lines += [
         "",
         "Response split of the ar bases with and without the long text responses "
@@ -171,7 +199,7 @@ def main() -> None:
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(
         json.dumps(
-            {"runs": runs, "by_objective": rows, "contextual_minus_ar": diffs,
+            {"runs": runs, "by_variant": rows, "minus_ar": diffs,
              "lengths": lengths, "seconds": time.perf_counter() - start},
             indent=2,
         )
@@ -181,8 +209,30 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def measure(run: dict, key: str) -> float | None:
+    """One row of the tables for one base: ``accuracy/<task>``, ``score/<name>``,
+    ``last/<quantity>`` or ``last/response text - image``."""
+    group, name = key.split("/", 1)
+    if group == "accuracy":
+        return run["accuracies"].get(name)
+    if group == "score":
+        return run["probe"]["scores"].get(name)
+    if name == "response text - image":
+        return last_response_gap(run)
+    return run["probe"]["last_layer"].get(name)
+
+
+def last_response_gap(run: dict) -> float | None:
+    """Last layer's normalised response proxy, text minus image: the paper's Harmon shows
+    the two conditional entropies converging there (a gap near 0)."""
+    last = run["probe"]["last_layer"]
+    if "response/text" not in last or "response/image" not in last:
+        return None
+    return last["response/text"] - last["response/image"]
+
+
 def plot(runs, path: Path) -> None:
-    """Normalised trajectories per objective (mean over seeds) of the four quantities."""
+    """Normalised trajectories per variant (mean over seeds) of the four quantities."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,13 +240,13 @@ def plot(runs, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, q in zip(axes, QUANTITIES, strict=True):
-        for objective, colour in (("ar", "tab:blue"), ("contextual", "tab:orange")):
-            curves = [r["probe"]["trajectories"][q] for r in runs if r["objective"] == objective]
+        for variant, colour in COLOURS.items():
+            curves = [r["probe"]["trajectories"][q] for r in runs if r["variant"] == variant]
             if not curves:
                 continue
             curves = np.asarray(curves)
             layers = runs[0]["probe"]["layers"]
-            ax.plot(layers, curves.mean(0), marker="o", color=colour, label=objective)
+            ax.plot(layers, curves.mean(0), marker="o", color=colour, label=variant)
             ax.fill_between(layers, curves.min(0), curves.max(0), color=colour, alpha=0.15)
         ax.set_title(q)
         ax.set_xlabel("layer")

@@ -229,6 +229,12 @@ def test_reason_then_draw_writes_the_fact_before_the_image(tiny_adapter, tiny_sp
     assert tok.decode_text(ids[sep + 1 : boi]) == deductive[0].response_text
     assert all(r == Role.TEXT_RESPONSE for r in roles[sep + 1 : boi])
     assert targets[boi] == 1  # the model writes <boi> itself (a text target)
+    ids, roles, targets = tiny_adapter.encode_example(direct[0])  # nothing to state
+    sep = ids.index(tok.sep_id)
+    assert ids[sep + 1] == tok.boi_id and targets[sep + 1] == 1
+    assert Role.TEXT_RESPONSE not in roles
+    batch = tiny_adapter.encode(out)  # every example of the variant encodes
+    assert batch["input_ids"].shape[0] == len(out)
     plain = tiny_adapter.encode_example(tiny_splits["finetune"][0])
     assert apply_variant("", examples) == list(examples)
     with pytest.raises(ValueError, match="unknown data variant 'mixup'"):

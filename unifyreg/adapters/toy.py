@@ -116,6 +116,7 @@ class ToyAdapter(Adapter):
     def image_objective(self) -> str:  # type: ignore[override]
         """``masked`` for the contextual objective, ``next_token`` for ``ar``."""
         return "masked" if self.objective == "contextual" else "next_token"
+
     default_lora_targets = (
         "q_proj",
         "k_proj",
@@ -254,7 +255,8 @@ class ToyAdapter(Adapter):
             # must write it itself (a text target).
             boi_target = TARGET_NONE
             if example.response_text is not None:
-                words = tok.encode_text(example.response_text)
+                # "" (reason_then_draw with nothing to state): <boi> alone is the text target.
+                words = tok.encode_text(example.response_text) if example.response_text else []
                 ids += words
                 roles += [Role.TEXT_RESPONSE] * len(words)
                 targets += [TARGET_TEXT] * len(words)
