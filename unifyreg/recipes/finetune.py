@@ -15,8 +15,9 @@ Steps, in order:
    ``LearningRateMonitor``, a progress bar; loggers: CSV and TensorBoard under ``run_dir``;
 6. ``Trainer.fit`` (``resume=last`` continues from ``run_dir/checkpoints/last.ckpt``,
    loaded with ``weights_only=True``);
-7. save the LoRA adapter (``run_dir/lora``) and, for adapters that ask for it (the toy),
-   a merged model (``run_dir/merged``, loadable by ``unifyreg eval model_path=...``).
+7. save (rank 0) the LoRA adapter (``run_dir/lora``) and, for adapters that ask for it
+   (the toy), a merged model (``run_dir/merged``, loadable by ``unifyreg eval
+   model_path=...``); under FSDP from the gathered full weights.
 
 ``--dry-run`` stops after step 5: every file, the model directory, the layers and the
 Trainer's settings are checked, nothing is trained.
@@ -52,24 +53,38 @@ from unifyreg.recipes.common import (
     model_directory,
 )
 from unifyreg.sources import example_source, resolve_source
-from unifyreg.trainer import AtomicCheckpointIO, fit, progress_bar
+from unifyreg.trainer import (
+    AtomicCheckpointIO,
+    build_strategy,
+    check_checkpoint,
+    fit,
+    progress_bar,
+)
 
 __all__ = ["TrainerParts", "build_trainer_parts", "resolve_resume", "run"]
 
 
 def resolve_resume(cfg: FinetuneConfig) -> str | None:
-    """The checkpoint to resume from, or None (``resume=last`` without one starts fresh)."""
+    """The checkpoint to resume from, or None (``resume=last`` without one starts fresh).
+    The checkpoint is checked first (:func:`unifyreg.trainer.check_checkpoint`): a missing,
+    truncated or corrupted one, or one holding code, is a ConfigError naming the file,
+    raised before anything in the run directory is touched."""
     if not cfg.resume:
         return None
     if cfg.resume == "last":
         last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        print(f"resume=last: no {last} yet, starting fresh")
-        return None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise ConfigError(f"resume: checkpoint {str(path)!r} does not exist")
+        if not last.is_file():
+            print(f"resume=last: no {last} yet, starting fresh")
+            return None
+        path = last
+    else:
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise ConfigError(f"resume: checkpoint {str(path)!r} does not exist")
+    try:
+        check_checkpoint(path)
+    except ConfigError as error:
+        raise ConfigError(f"resume: {error}") from None
     return str(path)
 
 
@@ -163,7 +178,8 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     try:
-        trainer = _trainer(cfg, run_dir, loggers, callbacks, steps_per_epoch)
+        strategy = build_strategy(cfg.strategy, adapter)
+        trainer = _trainer(cfg, run_dir, loggers, callbacks, steps_per_epoch, strategy)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError) as error:
         message = str(error).strip().splitlines()[0]
         raise ConfigError(
@@ -173,13 +189,15 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
     return TrainerParts(adapter, module, loader, probe, trainer)
 
 
-def _trainer(cfg: FinetuneConfig, run_dir: Path, loggers, callbacks, steps_per_epoch: int):
+def _trainer(
+    cfg: FinetuneConfig, run_dir: Path, loggers, callbacks, steps_per_epoch: int, strategy: Any
+):
     return L.Trainer(
         max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
-        strategy=cfg.strategy,
+        strategy=strategy,
         precision=cfg.precision,
         logger=loggers or False,
         callbacks=callbacks,
@@ -211,6 +229,27 @@ def save_outputs(adapter, cfg: FinetuneConfig) -> dict[str, Path]:
     return paths
 
 
+def unsharded_adapter(parts: TrainerParts, cfg: FinetuneConfig) -> Any:
+    """The fine-tuned adapter as one plain model: ``parts.adapter`` itself, or, when the
+    strategy shards the parameters (FSDP), a fresh copy (base model + LoRA reloaded)
+    holding the gathered full weights on rank 0 (every rank must call this: gathering is
+    a collective; the other ranks get None)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = parts.trainer.strategy
+    if not isinstance(strategy, FSDPStrategy):
+        return parts.adapter
+    state = strategy.lightning_module_state_dict()  # full weights on rank 0 only
+    if not parts.trainer.is_global_zero:
+        return None
+    fresh = load_adapter(cfg.model, cfg.pretrain)
+    if cfg.lora.enabled:
+        apply_lora(fresh, cfg.lora)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    fresh.model.load_state_dict(weights, strict=True)
+    return fresh
+
+
 def run(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     """Command ``unifyreg finetune`` (``dry_run``: build and check everything, train nothing)."""
     run_dir = Path(cfg.run_dir)
@@ -234,7 +273,8 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     print(summary + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
     fit(parts.trainer, parts.module, parts.loader, ckpt_path)  # weights_only=True
-    paths = save_outputs(adapter, cfg)
+    final = unsharded_adapter(parts, cfg)
+    paths = save_outputs(final, cfg) if parts.trainer.is_global_zero else {}
     for entry in parts.probe.history:
         scores = {
             k.split("/", 1)[1]: round(v, 4)
