@@ -12,7 +12,9 @@ Steps, in order:
    contextual-prediction regularizer (:mod:`unifyreg.losses`); AdamW + warm-up/cosine;
 5. callbacks: ``EntropyProbe`` (epoch 0 baseline, then every ``every_n_epochs``),
    Lightning's ``ModelCheckpoint`` (``last.ckpt`` after every epoch, written atomically),
-   ``LearningRateMonitor``, a progress bar; loggers: CSV and TensorBoard under ``run_dir``;
+   ``LearningRateMonitor``, a progress bar; loggers (``loggers``): CSV, TensorBoard,
+   wandb (offline unless ``WANDB_MODE=online``: ``run_dir/wandb``), MLflow (a file store
+   at ``run_dir/mlruns`` unless ``MLFLOW_TRACKING_URI`` is set), each under ``run_dir``;
 6. ``Trainer.fit`` (``resume=last`` continues from ``run_dir/checkpoints/last.ckpt``,
    loaded with ``weights_only=True``);
 7. save (rank 0) the LoRA adapter (``run_dir/lora``) and, for adapters that ask for it
@@ -61,7 +63,7 @@ from unifyreg.trainer import (
     progress_bar,
 )
 
-__all__ = ["TrainerParts", "build_trainer_parts", "resolve_resume", "run"]
+__all__ = ["TrainerParts", "build_trainer_parts", "close_loggers", "resolve_resume", "run"]
 
 
 def resolve_resume(cfg: FinetuneConfig) -> str | None:
@@ -99,7 +101,24 @@ class TrainerParts:
     trainer: L.Trainer
 
 
+def _require(package: str, logger: str) -> None:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"loggers: {logger!r} needs the {package!r} package, which is not installed "
+            "(pip install 'unifyreg[loggers]')"
+        )
+
+
 def _loggers(cfg: FinetuneConfig, run_dir: Path) -> list:
+    """The Lightning loggers ``cfg.loggers`` names (module docstring)."""
+    import os
+
     loggers = []
     if "csv" in cfg.loggers:
         # A new version per (re)start: Lightning's CSV writer deletes an existing
@@ -109,6 +128,28 @@ def _loggers(cfg: FinetuneConfig, run_dir: Path) -> list:
         loggers.append(
             TensorBoardLogger(run_dir, name="tensorboard", version=0, default_hp_metric=False)
         )
+    if "wandb" in cfg.loggers:
+        _require("wandb", "wandb")
+        from lightning.pytorch.loggers import WandbLogger
+
+        # Offline (files under run_dir/wandb, `wandb sync` them later) unless asked online.
+        offline = os.environ.get("WANDB_MODE", "offline") != "online"
+        loggers.append(
+            WandbLogger(name=run_dir.name, save_dir=run_dir, offline=offline, project="unifyreg")
+        )
+    if "mlflow" in cfg.loggers:
+        _require("mlflow", "mlflow")
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow >= 3.7 keeps its file store in maintenance mode and refuses it unless
+            # this is set; a file store under the run directory needs no server.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        logger = MLFlowLogger(experiment_name="unifyreg", run_name=run_dir.name, tracking_uri=uri)
+        # MLflow sets MLFLOW_TRACKING_URI for the whole process; close_loggers puts it back.
+        logger._unifyreg_previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        loggers.append(logger)
     return loggers
 
 
@@ -229,6 +270,22 @@ def save_outputs(adapter, cfg: FinetuneConfig) -> dict[str, Path]:
     return paths
 
 
+def close_loggers(trainer: L.Trainer) -> None:
+    """Undo what the loggers leave behind in the process after ``fit``, so the next
+    fine-tune in it (an ``ablate`` arm) starts clean: a wandb run stays the process's
+    active run until ``finish`` (the next run would log into it); MLflow's logger sets the
+    process's tracking URI (the next run would log into this run's store)."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+        if isinstance(logger, MLFlowLogger) and hasattr(logger, "_unifyreg_previous_uri"):
+            import mlflow
+
+            mlflow.set_tracking_uri(logger._unifyreg_previous_uri)
+
+
 def unsharded_adapter(parts: TrainerParts, cfg: FinetuneConfig) -> Any:
     """The fine-tuned adapter as one plain model: ``parts.adapter`` itself, or, when the
     strategy shards the parameters (FSDP), a fresh copy (base model + LoRA reloaded)
@@ -272,7 +329,10 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> int:
         return 0
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     print(summary + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
-    fit(parts.trainer, parts.module, parts.loader, ckpt_path)  # weights_only=True
+    try:
+        fit(parts.trainer, parts.module, parts.loader, ckpt_path)  # weights_only=True
+    finally:
+        close_loggers(parts.trainer)
     final = unsharded_adapter(parts, cfg)
     paths = save_outputs(final, cfg) if parts.trainer.is_global_zero else {}
     for entry in parts.probe.history:
