@@ -198,3 +198,25 @@ def test_fsdp_keeps_the_optimizer_groups_and_saves_plain_weights(runs):
         torch.testing.assert_close(fsdp[key], value, rtol=1e-5, atol=1e-7)
     merged = ToyAdapter.load(runs["fsdp"] / "merged")
     assert merged.generate_images([]) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["strategy=fsdp", "devices=2", "probe.responses=generated"],
+            "config error: probe.responses: 'generated' cannot run under a sharded strategy",
+        ),
+        # Without deepspeed installed Lightning says so; with it, unifyreg says it needs CUDA.
+        (["strategy=deepspeed_stage_2"], "DeepSpeed"),
+    ],
+)
+def test_sharded_settings_that_cannot_run_stop_before_training(
+    extra, message, tiny_base_overrides, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    args = ["finetune", "--dry-run", *tiny_base_overrides, "accelerator=cpu", *extra]
+    assert main([*args, f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unifyreg finetune: config error: ") and message in err
+    assert not run_dir.exists()

@@ -221,13 +221,38 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
     try:
         strategy = build_strategy(cfg.strategy, adapter)
         trainer = _trainer(cfg, run_dir, loggers, callbacks, steps_per_epoch, strategy)
+        _check_strategy_device(trainer)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError) as error:
         message = str(error).strip().splitlines()[0]
         raise ConfigError(
             f"accelerator/devices/strategy/precision ({cfg.accelerator}, {cfg.devices}, "
             f"{cfg.strategy}, {cfg.precision}): {message}"
         ) from None
+    if cfg.probe.responses == "generated" and trainer.world_size > 1:
+        from unifyreg.callbacks import _collective_forward
+
+        if _collective_forward(trainer.strategy):
+            raise ConfigError(
+                "probe.responses: 'generated' cannot run under a sharded strategy (FSDP, "
+                "DeepSpeed: generation is not a fixed number of collective forward passes); "
+                "use 'reference'"
+            )
     return TrainerParts(adapter, module, loader, probe, trainer)
+
+
+def _check_strategy_device(trainer: L.Trainer) -> None:
+    """Lightning's DeepSpeed strategy runs on CUDA only but says so only when training
+    starts: say it now (a RuntimeError, reported as a config error)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(trainer.strategy, DeepSpeedStrategy) and not isinstance(
+        trainer.accelerator, CUDAAccelerator
+    ):
+        raise RuntimeError(
+            "Lightning's DeepSpeed strategy runs on CUDA GPUs only; on this accelerator "
+            "use strategy=fsdp"
+        )
 
 
 def _trainer(
