@@ -217,6 +217,6 @@ def test_sharded_settings_that_cannot_run_stop_before_training(
     run_dir = tmp_path / "run"
     args = ["finetune", "--dry-run", *tiny_base_overrides, "accelerator=cpu", *extra]
     assert main([*args, f"run_dir={run_dir}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("unifyreg finetune: config error: ") and message in err
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the loading bar)
+    assert last.startswith("unifyreg finetune: config error: ") and message in last
     assert not run_dir.exists()
