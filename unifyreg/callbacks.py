@@ -160,17 +160,19 @@ def _collective_forward(strategy: Any) -> bool:
 def _through_wrapper(wrapper: torch.nn.Module, module: torch.nn.Module, adapter: Any):
     """``forward(batch, **kw)`` that runs ``adapter.forward`` inside ``wrapper``'s own
     forward (FSDP gathers the root's sharded parameters there): ``module.forward`` is
-    swapped for the call for the duration of it, as Lightning routes ``training_step``."""
+    swapped for the call and put back as soon as the wrapper calls it (the adapter's
+    forward may call ``module`` itself), as Lightning routes ``training_step``."""
 
     def forward(batch: Any, **kwargs: Any) -> Any:
         def inner(*_args: Any, **_kwargs: Any) -> Any:
+            module.__dict__.pop("forward", None)
             return adapter.forward(batch, **kwargs)
 
         module.forward = inner  # an instance attribute shadows the class's method
         try:
             return wrapper()
         finally:
-            del module.forward
+            module.__dict__.pop("forward", None)
 
     return forward
 
@@ -388,7 +390,7 @@ class EntropyProbe(ProbeRecorder, Callback):
                              adapter=my_adapter)
         trainer = lightning.Trainer(max_epochs=3, callbacks=[probe])
         trainer.fit(my_module, train_loader)
-        probe.history[-1]["scores"]  # {"encoding_gap": ..., "response_split": ..., ...}
+        probe.history[-1]["summary"]["scores"]  # {"encoding_gap": ..., ...}
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
