@@ -406,8 +406,10 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tiny_base_overrides, tm
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "config error: checkpoint" in err and "weights_only=True" in err
+    assert f"config error: resume: checkpoint '{checkpoint}' holds more than tensors" in err
+    assert "weights_only=True" in err
     assert not marker.exists()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
     # Control: the file really is a code-running pickle.
     torch.load(checkpoint, weights_only=False)
     assert marker.is_dir()

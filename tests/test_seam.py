@@ -154,18 +154,34 @@ def test_rooms_below_the_adapters_never_import_a_family_or_a_recipe(room):
 
 
 def test_every_third_party_import_is_a_declared_dependency():
+    """Every third-party import is a dependency, or an optional extra's (the loggers) that
+    is only imported inside a function, so `import unifyreg...` works without it."""
     import importlib.metadata
 
     import tomllib
 
-    declared = {
-        dep.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower()
-        for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    }
+    def names(deps):
+        return {
+            d.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower() for d in deps
+        }
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = names(project["dependencies"])
+    optional = names(project["optional-dependencies"]["loggers"])
+    declared = required | optional
     owners = importlib.metadata.packages_distributions()
-    missing = {}
+    missing, eager = {}, {}
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "level", 0) == 0:
+                for name in (
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                ):
+                    top = name.split(".")[0]
+                    if {d.lower() for d in owners.get(top, [top])} & optional:
+                        eager.setdefault(top, str(path.relative_to(ROOT)))
+        for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -179,6 +195,7 @@ def test_every_third_party_import_is_a_declared_dependency():
                 if not dists & declared:
                     missing.setdefault(top, str(path.relative_to(ROOT)))
     assert missing == {}  # e.g. tqdm was imported but not declared
+    assert eager == {}  # an optional package imported at module level
 
 
 # ---------------------------------------------------------------------- quantities

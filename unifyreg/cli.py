@@ -3,7 +3,9 @@
 Each command has a structured config (``unifyreg.config``): defaults, then the YAML file,
 then the ``key=value`` overrides. A config error stops the command before any work with
 exit code 2 and a message naming the key and the valid choices; so does a bad manifest
-line (``on_bad_example=error``), with a message naming the file and line.
+line (``on_bad_example=error``), with a message naming the file and line. A full disk
+(``ENOSPC``, ``EDQUOT``) stops it with exit code 1 and one line naming the file that could
+not be written.
 ``--print-config`` prints the resolved config as YAML and exits; ``--dry-run`` runs the
 command's own checks (files, model directory, layers, Trainer settings) and stops before
 the first forward pass.
@@ -12,6 +14,7 @@ the first forward pass.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +31,10 @@ from unifyreg.config import (
 )
 from unifyreg.manifest import ManifestError
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "DISK_FULL", "main"]
+
+#: Errors that mean the disk (or the quota) is full: reported in one line, exit code 1.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _pretrain_toy(cfg: Any, dry_run: bool = False) -> int:
@@ -108,6 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as error:
         print(f"unifyreg {args.command}: bad example: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        print(
+            f"unifyreg {args.command}: write failed: {error}. Every file written before is "
+            "complete (each is written to a temporary file and renamed into place); free "
+            "space and run the command again (finetune: with resume=last, from the last "
+            "finished epoch)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -589,7 +589,10 @@ class FinetuneConfig(Section):
     ``reca``, ``reason_then_draw``; :mod:`unifyreg.toy.variants`); ``probe_set``
     likewise (``"toy"``: the world's probe sets). ``resume`` is ``""`` (start fresh),
     ``"last"`` (``run_dir/checkpoints/last.ckpt`` when it exists) or a checkpoint path.
-    ``loggers`` is a subset of ``csv``, ``tensorboard``. ``probe_figures``: when the
+    ``loggers`` is a subset of ``csv``, ``tensorboard``, ``wandb`` (offline unless
+    ``WANDB_MODE=online``), ``mlflow`` (a file store under ``run_dir/mlruns`` unless
+    ``MLFLOW_TRACKING_URI`` is set); the last two need the ``loggers`` extra.
+    ``probe_figures``: when the
     probe's trajectory figures are drawn: ``end`` (once, when training ends, one curve per
     probed epoch), ``every`` (after every probe, also sent to TensorBoard as they come)
     or ``never``.
@@ -614,7 +617,7 @@ class FinetuneConfig(Section):
     on_bad_example: Literal["error", "skip"] = "error"
     run_dir: str = "runs/finetune/toy"
     resume: str = ""
-    loggers: list[Literal["csv", "tensorboard"]] = field(
+    loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = field(
         default_factory=lambda: ["csv", "tensorboard"]
     )
     accelerator: str = "auto"

@@ -33,7 +33,9 @@ def _default_file_mode() -> int:
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Yield a handle (``mode`` ``"w"`` or ``"wb"``) whose content replaces ``path`` when
     the block ends without error; on an error the target is left as it was and the
-    temporary file removed."""
+    temporary file removed. An ``OSError`` without a file name (a full disk: ``ENOSPC``
+    from a write or the final flush) gets ``path`` as its ``filename``, so its message
+    names the file that could not be written."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
@@ -46,8 +48,10 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)
         raise
 
 

@@ -104,6 +104,9 @@ class UMMModule(L.LightningModule):
         self.skipped_train_examples = skipped_train_examples
         #: Optimizer steps skipped because their gradients were not finite.
         self.skipped_steps = 0
+        # Weight decay goes to matrices, decided on the shapes before any wrapping (FSDP
+        # turns every parameter into a flat 1-D shard view).
+        self._param_dims = {n: p.dim() for n, p in self.named_parameters()}
         self._step_losses: dict[str, Tensor] = {}
 
     def on_fit_start(self) -> None:
@@ -147,13 +150,12 @@ class UMMModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        named = [(_unwrapped_name(n), p) for n, p in self.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the model has no trainable parameters")
-        groups = [
-            {"name": "decay", "params": [p for p in params if p.dim() >= 2]},
-            {"name": "no_decay", "params": [p for p in params if p.dim() < 2]},
-        ]
+        matrices = [p for n, p in named if self._param_dims.get(n, p.dim()) >= 2]
+        others = [p for n, p in named if self._param_dims.get(n, p.dim()) < 2]
+        groups = [{"name": "decay", "params": matrices}, {"name": "no_decay", "params": others}]
         groups[0]["weight_decay"], groups[1]["weight_decay"] = self.optim.weight_decay, 0.0
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=self.optim.lr, betas=tuple(self.optim.betas)
@@ -169,6 +171,22 @@ class UMMModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
         }
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Lightning's clipping, except under FSDP, whose gradients are sharded: there the
+        norm is clipped by the root's own ``clip_grad_norm_`` (the norm over all shards, a
+        collective; Lightning's FSDP precision plugin refuses ``norm`` clipping)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"FSDP clips by norm only, got {gradient_clip_algorithm!r}")
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:
             # (A 16-mixed gradient scaler already skips steps with inf/NaN gradients.)
@@ -177,10 +195,14 @@ class UMMModule(L.LightningModule):
 
     def _skip_non_finite_step(self, optimizer) -> None:
         """Drop all gradients when any is NaN/Inf, so the optimizer leaves every weight and
-        its own state unchanged (AdamW skips parameters without a gradient). Gradients are
-        already reduced across DDP ranks here, so every rank takes the same decision."""
+        its own state unchanged (AdamW skips parameters without a gradient). Under DDP the
+        gradients are already reduced across ranks here; under FSDP each rank holds a shard
+        of them, so the decision is reduced across ranks (all finite or every rank skips)."""
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
@@ -214,6 +236,13 @@ class UMMModule(L.LightningModule):
             if rng is not None and hasattr(term, "set_rng_state"):
                 term.set_rng_state(rng)
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name without the segments FSDP and activation checkpointing insert."""
+    for segment in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(segment, "")
+    return name
 
 
 class EpochRandomSampler(RandomSampler):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,14 +330,32 @@ def run_probe(
     examples: Sequence[Any],
     cfg: ProbeConfig | None = None,
     progress: bool = False,
+    *,
+    forward: Callable[..., Any] | None = None,
+    min_batches: int = 0,
+    padding_example: Any = None,
 ) -> ProbeResult:
     """Probe ``adapter`` on ``examples`` (each with a ``category``) -> :class:`ProbeResult`.
 
     Runs in eval mode without gradient and restores the model's mode afterwards.
+    ``forward(batch, layers=..., final_norm=...) -> ForwardOutput`` replaces
+    ``adapter.forward`` (a sharded model runs its forward through its wrapper this way).
+    ``min_batches``: run at least this many forward passes, the missing ones on a batch of
+    ``padding_example`` alone, whose values are dropped: under FSDP every forward pass is a
+    collective of all ranks, so ranks with shorter shards of the probe set must run as
+    many passes as the longest. ``examples`` may then be empty (all passes padding).
     """
     cfg = cfg or ProbeConfig()
-    if len(examples) == 0:
+    if len(examples) == 0 and min_batches == 0:
         raise ValueError("the probe set is empty")
+    if min_batches and padding_example is None:
+        raise ValueError("min_batches > 0 needs a padding_example")
+    if min_batches and cfg.responses == "generated":
+        raise ValueError(
+            "probe.responses=generated cannot run with padding batches (sharded models: "
+            "generation is not a fixed number of collective forward passes); use reference"
+        )
+    forward = forward or adapter.forward
     layers = adapter.resolve_layers(cfg.layers or None)
     model = adapter.model
     was_training = model.training
@@ -347,13 +365,17 @@ def run_probe(
         if cfg.responses == "generated":
             examples = _with_generated_responses(adapter, examples)
         batches = list(_batches(examples, cfg.batch_size))
-        iterator: Iterable = batches
+        padding = max(0, min_batches - len(batches))
+        iterator: Iterable = [*batches, *[None] * padding]
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(batches, desc="probe", unit="batch")
+            iterator = tqdm(iterator, desc="probe", unit="batch")
         for chunk in iterator:
-            out = adapter.forward(adapter.encode(chunk), layers=layers, final_norm=cfg.final_norm)
+            if chunk is None:  # a padding pass: every rank runs the forward, nothing kept
+                forward(adapter.encode([padding_example]), layers=layers, final_norm=cfg.final_norm)
+                continue
+            out = forward(adapter.encode(chunk), layers=layers, final_norm=cfg.final_norm)
             categories = [str(getattr(e, "category", "default")) for e in chunk]
             batch_records = probe_batch(out.hidden_layers, out.roles, categories, layers, cfg)
             for q in QUANTITIES:

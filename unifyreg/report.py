@@ -25,7 +25,9 @@ from unifyreg.quantities import QUANTITIES  # noqa: E402
 
 __all__ = [
     "ablation_figures",
+    "MAX_EPOCH_CURVES",
     "close_figures",
+    "drawn_epochs",
     "probe_caption",
     "probe_history_figures",
     "probe_result_figures",
@@ -226,11 +228,26 @@ def probe_result_figures(result: ProbeResult) -> dict[str, Figure]:
     return figures
 
 
+#: At most this many epochs are drawn in a by-epoch figure (evenly spaced, the first and
+#: the last always among them), so drawing it costs the same after 5 or 500 epochs.
+MAX_EPOCH_CURVES = 10
+
+
+def drawn_epochs(history: list[dict[str, Any]], limit: int = MAX_EPOCH_CURVES) -> list[int]:
+    """Indices of the history entries a by-epoch figure draws: all when there are at most
+    ``limit``, else ``limit`` evenly spaced ones, the first and the last included."""
+    n = len(history)
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+
+
 def probe_history_figures(history: list[dict[str, Any]]) -> dict[str, Figure]:
-    """Trajectories across epochs, one curve per probe (epoch label in the legend), one
-    figure per quantity with samples: ``<quantity with _ for />_by_epoch`` (normalised
-    means)."""
+    """Trajectories across epochs, one curve per probe (epoch label in the legend; at most
+    :data:`MAX_EPOCH_CURVES` probes, evenly spaced, first and last included), one figure
+    per quantity with samples: ``<quantity with _ for />_by_epoch`` (normalised means)."""
     figures: dict[str, Figure] = {}
+    history = [history[i] for i in drawn_epochs(history)]
     for quantity in QUANTITIES:
         curves = []
         for entry in history:

@@ -37,7 +37,7 @@ import numpy as np
 from unifyreg.config import AblateConfig, ArmConfig, BaseSpec, FinetuneConfig, to_yaml
 from unifyreg.fileio import atomic_write_json, atomic_write_text
 from unifyreg.quantities import QUANTITIES
-from unifyreg.recipes.finetune import build_trainer_parts, resolve_resume
+from unifyreg.recipes.finetune import build_trainer_parts, close_loggers, resolve_resume
 from unifyreg.sources import example_source, resolve_source
 from unifyreg.trainer import fit
 
@@ -120,7 +120,10 @@ def run_arm(
     parts = build_trainer_parts(ft)
     probe = parts.probe
     atomic_write_text(Path(ft.run_dir) / "config.yaml", to_yaml(ft))
-    fit(parts.trainer, parts.module, parts.loader, ckpt)  # weights_only=True
+    try:
+        fit(parts.trainer, parts.module, parts.loader, ckpt)  # weights_only=True
+    finally:
+        close_loggers(parts.trainer)
     final = probe.history[-1]
     record: dict[str, Any] = {
         "arm": arm.name,

@@ -12,11 +12,14 @@ Steps, in order:
    contextual-prediction regularizer (:mod:`unifyreg.losses`); AdamW + warm-up/cosine;
 5. callbacks: ``EntropyProbe`` (epoch 0 baseline, then every ``every_n_epochs``),
    Lightning's ``ModelCheckpoint`` (``last.ckpt`` after every epoch, written atomically),
-   ``LearningRateMonitor``, a progress bar; loggers: CSV and TensorBoard under ``run_dir``;
+   ``LearningRateMonitor``, a progress bar; loggers (``loggers``): CSV, TensorBoard,
+   wandb (offline unless ``WANDB_MODE=online``: ``run_dir/wandb``), MLflow (a file store
+   at ``run_dir/mlruns`` unless ``MLFLOW_TRACKING_URI`` is set), each under ``run_dir``;
 6. ``Trainer.fit`` (``resume=last`` continues from ``run_dir/checkpoints/last.ckpt``,
    loaded with ``weights_only=True``);
-7. save the LoRA adapter (``run_dir/lora``) and, for adapters that ask for it (the toy),
-   a merged model (``run_dir/merged``, loadable by ``unifyreg eval model_path=...``).
+7. save (rank 0) the LoRA adapter (``run_dir/lora``) and, for adapters that ask for it
+   (the toy), a merged model (``run_dir/merged``, loadable by ``unifyreg eval
+   model_path=...``); under FSDP from the gathered full weights.
 
 ``--dry-run`` stops after step 5: every file, the model directory, the layers and the
 Trainer's settings are checked, nothing is trained.
@@ -52,24 +55,38 @@ from unifyreg.recipes.common import (
     model_directory,
 )
 from unifyreg.sources import example_source, resolve_source
-from unifyreg.trainer import AtomicCheckpointIO, fit, progress_bar
+from unifyreg.trainer import (
+    AtomicCheckpointIO,
+    build_strategy,
+    check_checkpoint,
+    fit,
+    progress_bar,
+)
 
-__all__ = ["TrainerParts", "build_trainer_parts", "resolve_resume", "run"]
+__all__ = ["TrainerParts", "build_trainer_parts", "close_loggers", "resolve_resume", "run"]
 
 
 def resolve_resume(cfg: FinetuneConfig) -> str | None:
-    """The checkpoint to resume from, or None (``resume=last`` without one starts fresh)."""
+    """The checkpoint to resume from, or None (``resume=last`` without one starts fresh).
+    The checkpoint is checked first (:func:`unifyreg.trainer.check_checkpoint`): a missing,
+    truncated or corrupted one, or one holding code, is a ConfigError naming the file,
+    raised before anything in the run directory is touched."""
     if not cfg.resume:
         return None
     if cfg.resume == "last":
         last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        print(f"resume=last: no {last} yet, starting fresh")
-        return None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise ConfigError(f"resume: checkpoint {str(path)!r} does not exist")
+        if not last.is_file():
+            print(f"resume=last: no {last} yet, starting fresh")
+            return None
+        path = last
+    else:
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise ConfigError(f"resume: checkpoint {str(path)!r} does not exist")
+    try:
+        check_checkpoint(path)
+    except ConfigError as error:
+        raise ConfigError(f"resume: {error}") from None
     return str(path)
 
 
@@ -84,7 +101,24 @@ class TrainerParts:
     trainer: L.Trainer
 
 
+def _require(package: str, logger: str) -> None:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"loggers: {logger!r} needs the {package!r} package, which is not installed "
+            "(pip install 'unifyreg[loggers]')"
+        )
+
+
 def _loggers(cfg: FinetuneConfig, run_dir: Path) -> list:
+    """The Lightning loggers ``cfg.loggers`` names (module docstring)."""
+    import os
+
     loggers = []
     if "csv" in cfg.loggers:
         # A new version per (re)start: Lightning's CSV writer deletes an existing
@@ -94,6 +128,28 @@ def _loggers(cfg: FinetuneConfig, run_dir: Path) -> list:
         loggers.append(
             TensorBoardLogger(run_dir, name="tensorboard", version=0, default_hp_metric=False)
         )
+    if "wandb" in cfg.loggers:
+        _require("wandb", "wandb")
+        from lightning.pytorch.loggers import WandbLogger
+
+        # Offline (files under run_dir/wandb, `wandb sync` them later) unless asked online.
+        offline = os.environ.get("WANDB_MODE", "offline") != "online"
+        loggers.append(
+            WandbLogger(name=run_dir.name, save_dir=run_dir, offline=offline, project="unifyreg")
+        )
+    if "mlflow" in cfg.loggers:
+        _require("mlflow", "mlflow")
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow >= 3.7 keeps its file store in maintenance mode and refuses it unless
+            # this is set; a file store under the run directory needs no server.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        logger = MLFlowLogger(experiment_name="unifyreg", run_name=run_dir.name, tracking_uri=uri)
+        # MLflow sets MLFLOW_TRACKING_URI for the whole process; close_loggers puts it back.
+        logger._unifyreg_previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        loggers.append(logger)
     return loggers
 
 
@@ -166,23 +222,51 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     try:
-        trainer = _trainer(cfg, run_dir, loggers, callbacks, steps_per_epoch)
+        strategy = build_strategy(cfg.strategy, adapter)
+        trainer = _trainer(cfg, run_dir, loggers, callbacks, steps_per_epoch, strategy)
+        _check_strategy_device(trainer)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError) as error:
         message = str(error).strip().splitlines()[0]
         raise ConfigError(
             f"accelerator/devices/strategy/precision ({cfg.accelerator}, {cfg.devices}, "
             f"{cfg.strategy}, {cfg.precision}): {message}"
         ) from None
+    if cfg.probe.responses == "generated" and trainer.world_size > 1:
+        from unifyreg.callbacks import _collective_forward
+
+        if _collective_forward(trainer.strategy):
+            raise ConfigError(
+                "probe.responses: 'generated' cannot run under a sharded strategy (FSDP, "
+                "DeepSpeed: generation is not a fixed number of collective forward passes); "
+                "use 'reference'"
+            )
     return TrainerParts(adapter, module, loader, probe, trainer)
 
 
-def _trainer(cfg: FinetuneConfig, run_dir: Path, loggers, callbacks, steps_per_epoch: int):
+def _check_strategy_device(trainer: L.Trainer) -> None:
+    """Lightning's DeepSpeed strategy runs on CUDA only but says so only when training
+    starts: say it now (a RuntimeError, reported as a config error)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(trainer.strategy, DeepSpeedStrategy) and not isinstance(
+        trainer.accelerator, CUDAAccelerator
+    ):
+        raise RuntimeError(
+            "Lightning's DeepSpeed strategy runs on CUDA GPUs only; on this accelerator "
+            "use strategy=fsdp"
+        )
+
+
+def _trainer(
+    cfg: FinetuneConfig, run_dir: Path, loggers, callbacks, steps_per_epoch: int, strategy: Any
+):
     return L.Trainer(
         max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
-        strategy=cfg.strategy,
+        strategy=strategy,
         precision=cfg.precision,
         logger=loggers or False,
         callbacks=callbacks,
@@ -247,6 +331,43 @@ def save_outputs(adapter, cfg: FinetuneConfig) -> dict[str, Path]:
     return paths
 
 
+def close_loggers(trainer: L.Trainer) -> None:
+    """Undo what the loggers leave behind in the process after ``fit``, so the next
+    fine-tune in it (an ``ablate`` arm) starts clean: a wandb run stays the process's
+    active run until ``finish`` (the next run would log into it); MLflow's logger sets the
+    process's tracking URI (the next run would log into this run's store)."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+        if isinstance(logger, MLFlowLogger) and hasattr(logger, "_unifyreg_previous_uri"):
+            import mlflow
+
+            mlflow.set_tracking_uri(logger._unifyreg_previous_uri)
+
+
+def unsharded_adapter(parts: TrainerParts, cfg: FinetuneConfig) -> Any:
+    """The fine-tuned adapter as one plain model: ``parts.adapter`` itself, or, when the
+    strategy shards the parameters (FSDP), a fresh copy (base model + LoRA reloaded)
+    holding the gathered full weights on rank 0 (every rank must call this: gathering is
+    a collective; the other ranks get None)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = parts.trainer.strategy
+    if not isinstance(strategy, FSDPStrategy):
+        return parts.adapter
+    state = strategy.lightning_module_state_dict()  # full weights on rank 0 only
+    if not parts.trainer.is_global_zero:
+        return None
+    fresh = load_adapter(cfg.model, cfg.pretrain)
+    if cfg.lora.enabled:
+        apply_lora(fresh, cfg.lora)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    fresh.model.load_state_dict(weights, strict=True)
+    return fresh
+
+
 def run(cfg: FinetuneConfig, dry_run: bool = False) -> int:
     """Command ``unifyreg finetune`` (``dry_run``: build and check everything, train nothing)."""
     run_dir = Path(cfg.run_dir)
@@ -269,8 +390,12 @@ def run(cfg: FinetuneConfig, dry_run: bool = False) -> int:
         return 0
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     print(summary + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
-    fit(parts.trainer, parts.module, parts.loader, ckpt_path)  # weights_only=True
-    paths = save_outputs(adapter, cfg)
+    try:
+        fit(parts.trainer, parts.module, parts.loader, ckpt_path)  # weights_only=True
+    finally:
+        close_loggers(parts.trainer)
+    final = unsharded_adapter(parts, cfg)
+    paths = save_outputs(final, cfg) if parts.trainer.is_global_zero else {}
     for entry in parts.probe.history:
         scores = {
             k.split("/", 1)[1]: round(v, 4)

@@ -1,0 +1,1 @@
+"""Integrations with trainers other than Lightning (``hf``: the Hugging Face ``Trainer``)."""
