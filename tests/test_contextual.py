@@ -3,6 +3,7 @@ masked image tokens, MaskGIT decoding), the bidirectional ``L_ctx`` and the comp
 arms' training-data variants (RecA-style partial views, reason-then-draw)."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -10,10 +11,11 @@ import torch.nn.functional as F
 
 from tests.conftest import TINY_MODEL
 from unifyreg.adapters.base import cosine_masked_positions, omni_attention_mask
-from unifyreg.adapters.toy import ToyAdapter, maskgit_remaining
+from unifyreg.adapters.toy import MAX_REASONING_WORDS, ToyAdapter, maskgit_remaining
 from unifyreg.config import ConfigError, LossConfig, load_config
 from unifyreg.losses import ContextualPredictionLoss
 from unifyreg.roles import Role
+from unifyreg.toy.tasks import GENERATORS, OBJECTS
 from unifyreg.toy.variants import apply_variant, reason_then_draw, reca
 
 
@@ -218,10 +220,25 @@ def test_reason_then_draw_writes_the_fact_before_the_image(tiny_adapter, tiny_sp
     out = reason_then_draw(examples)
     deductive = [e for e in out if e.task == "t2i" and e.category == "deductive"]
     direct = [e for e in out if e.task == "t2i" and e.category == "direct"]
-    assert deductive and all(
-        e.response_text == f"{e.meta['object']} is {e.meta['colour']}" for e in deductive
-    )
-    assert all(e.response_text == "" for e in direct)
+    for e in deductive:  # the fact used and what is drawn
+        place = e.prompt_text.split(" in ", 1)[1]
+        colour = e.meta["colour"]
+        assert e.response_text == f"{e.meta['object']} is {colour} so {place} is {colour}"
+    assert deductive and all(e.response_text == "" for e in direct)
+    # Word for word the answer of the drawing's text_reasoning twin ("describe <prompt>").
+    rng = random.Random(0)
+    twins = {}
+    for category in ("text_deductive", "text_abductive"):
+        for _ in range(4000):
+            e = GENERATORS[("text_reasoning", category)](rng, 4, OBJECTS)
+            twins[e.prompt_text] = e.response_text
+    reasoned = [
+        e for e in out if e.category in ("deductive", "abductive") and e.response_image is not None
+    ]
+    matched = [e for e in reasoned if f"describe {e.prompt_text}" in twins]
+    assert {e.category for e in matched} == {"deductive", "abductive"}
+    assert all(e.response_text == twins[f"describe {e.prompt_text}"] for e in matched)
+    assert max(len(answer.split()) for answer in twins.values()) <= MAX_REASONING_WORDS
     tok = tiny_adapter.tokenizer
     ids, roles, targets = tiny_adapter.encode_example(deductive[0])
     sep = ids.index(tok.sep_id)

@@ -78,13 +78,23 @@ from unifyreg.toy.model import ToyModelConfig
 from unifyreg.toy.tokenizer import WordTokenizer
 from unifyreg.toy.world import Grid, parse_image
 
-__all__ = ["ADAPTER_FILE", "DEFAULT_DECODE_STEPS", "OBJECTIVES", "ToyAdapter", "maskgit_remaining"]
+__all__ = [
+    "ADAPTER_FILE",
+    "DEFAULT_DECODE_STEPS",
+    "MAX_REASONING_WORDS",
+    "OBJECTIVES",
+    "ToyAdapter",
+    "maskgit_remaining",
+]
 
 ADAPTER_FILE = "unifyreg_toy.json"
 #: The toy's image objectives (module docstring).
 OBJECTIVES = ("ar", "contextual")
 #: MaskGIT steps of contextual generation.
 DEFAULT_DECODE_STEPS = 8
+#: Words a reason-then-draw model may write before ``<boi>`` (the longest reasoning,
+#: an abductive drawing's, has 14).
+MAX_REASONING_WORDS = 16
 
 
 def maskgit_remaining(cells: int, step: int, steps: int) -> int:
@@ -535,13 +545,13 @@ class ToyAdapter(Adapter):
         self, examples: Sequence[Any], batch_size: int
     ) -> list[tuple[list[int], list[int]]]:
         """``(ids, roles)`` of each prompt followed by its image's ``<boi>``: after the
-        model's own reasoning words (up to ``<boi>``, at most 12) when
+        model's own reasoning words (up to ``<boi>``, at most :data:`MAX_REASONING_WORDS`) when
         :attr:`reason_before_drawing`, else directly."""
         prompts = [self._prompt_part(example) for example in examples]
         boi = self.tokenizer.boi_id
         if not self.reason_before_drawing:
             return [(ids + [boi], roles + [int(Role.SPECIAL)]) for ids, roles in prompts]
-        words = self._greedy(prompts, 12, self._reasoning, boi, batch_size)
+        words = self._greedy(prompts, MAX_REASONING_WORDS, self._reasoning, boi, batch_size)
         return [
             (ids + row + [boi], roles + [int(Role.TEXT_RESPONSE)] * len(row) + [int(Role.SPECIAL)])
             for (ids, roles), row in zip(prompts, words, strict=True)
@@ -560,7 +570,9 @@ class ToyAdapter(Adapter):
     def generate_reasoning(self, examples: Sequence[Any], batch_size: int = 256) -> list[str]:
         """The words a reason-then-draw model writes before drawing (up to ``<boi>``)."""
         prompts = [self._prompt_part(example) for example in examples]
-        rows = self._greedy(prompts, 12, self._reasoning, self.tokenizer.boi_id, batch_size)
+        rows = self._greedy(
+            prompts, MAX_REASONING_WORDS, self._reasoning, self.tokenizer.boi_id, batch_size
+        )
         return [self.tokenizer.decode_text(row) for row in rows]
 
     def generate_images(self, examples: Sequence[Any], batch_size: int = 256) -> list[Grid]:

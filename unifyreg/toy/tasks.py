@@ -765,6 +765,17 @@ def _caption(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Exam
 # ---------------------------------------------------------- text-reasoning generators
 
 
+def _deductive_answer(name: str, colour: str, place: Place) -> str:
+    return f"{name} is {colour} so {place.name_after_in} is {colour}"
+
+
+def _abductive_answer(operator: str, a: int, b: int, count: int, colour: str, place: Place) -> str:
+    fact = f"{NUMBER_WORDS[a]} {operator} {NUMBER_WORDS[b]}"
+    verb = "is" if count == 1 else "are"
+    drawn = f"{NUMBER_WORDS[count]} {_cell_word(count)} in {place.name_after_in} {verb} {colour}"
+    return f"{fact} is {NUMBER_WORDS[count]} so {drawn}"
+
+
 def _text_deductive(rng: random.Random, grid_size: int, objects: Sequence[str]) -> Example:
     name = rng.choice(objects)
     colour = OBJECT_COLOURS[name]
@@ -773,7 +784,7 @@ def _text_deductive(rng: random.Random, grid_size: int, objects: Sequence[str]) 
         "text_reasoning",
         "text_deductive",
         f"describe the colour of {name} in {place.name_after_in}",
-        response_text=f"{name} is {colour} so {place.name_after_in} is {colour}",
+        response_text=_deductive_answer(name, colour, place),
         meta={"object": name, "colour": colour, "place": place.name},
     )
 
@@ -783,15 +794,30 @@ def _text_abductive(rng: random.Random, grid_size: int, objects: Sequence[str]) 
     colour = rng.choice(DRAW_COLOURS)
     place = rng.choice(line_places(grid_size))
     fact = f"{NUMBER_WORDS[a]} {operator} {NUMBER_WORDS[b]}"
-    verb = "is" if count == 1 else "are"
-    drawn = f"{NUMBER_WORDS[count]} {_cell_word(count)} in {place.name_after_in} {verb} {colour}"
     return Example(
         "text_reasoning",
         "text_abductive",
         f"describe {fact} {colour} cells in {place.name_after_in}",
-        response_text=f"{fact} is {NUMBER_WORDS[count]} so {drawn}",
+        response_text=_abductive_answer(operator, a, b, count, colour, place),
         meta={"operator": operator, "a": a, "b": b, "count": count, "place": place.name},
     )
+
+
+def drawing_reasoning(example: Example) -> str:
+    """The reasoning behind a deductive or abductive drawing (``t2i`` or ``transfer``) in
+    the words of its ``text_reasoning`` twin: "grass is green so the top row is green",
+    "two plus one is three so three cells in the top row are red"; ``""`` for every other
+    drawing (nothing to state). The colour of an abductive drawing is read off its grid."""
+    if example.response_image is None or example.category not in ("deductive", "abductive"):
+        return ""
+    size = example.response_image.shape[0]
+    place = {p.name: p for p in (*line_places(size), *cell_places(size))}[example.meta["place"]]
+    if example.category == "deductive":
+        return _deductive_answer(example.meta["object"], example.meta["colour"], place)
+    meta = example.meta
+    row, column = place.cells[0]
+    colour = PALETTE[int(example.response_image[row, column])]
+    return _abductive_answer(meta["operator"], meta["a"], meta["b"], meta["count"], colour, place)
 
 
 # ------------------------------------------------------------------ reconstruction

@@ -14,9 +14,13 @@
   encoder's dense embedding of the image; here the condition is the partial token view
   itself, read by the same decoder.
 - ``reason_then_draw``: chain-of-thought drawing, the upper anchor: every drawing example
-  writes its reasoning in words before the image. Deductive drawings state the fact they
-  use (``"grass is green"``); other drawings write nothing but must emit ``<boi>``
-  themselves, so a model fine-tuned on this variant decides when to start drawing. With
+  writes its reasoning in words before the image, in the words of its ``text_reasoning``
+  twin (:func:`unifyreg.toy.tasks.drawing_reasoning`): deductive drawings state the fact
+  they use and what is drawn (``"grass is green so the top row is green"``), abductive
+  ones the sum and what is drawn; other drawings write nothing but must emit ``<boi>``
+  themselves, so a model fine-tuned on this variant decides when to start drawing. (A
+  first version stated the fact alone, ``"grass is green"``: the held-out facts came out
+  right but the place was lost on the way to the grid.) With
   ``ToyAdapter.reason_before_drawing`` set, generation writes the words first and draws
   after them: the explicit text route to the image.
 
@@ -31,9 +35,9 @@ from collections.abc import Sequence
 
 from unifyreg.toy.tasks import (
     IMAGE_RESPONSE_TASKS,
-    OBJECT_COLOURS,
     RECONSTRUCTION_PROMPT,
     Example,
+    drawing_reasoning,
 )
 
 __all__ = ["VARIANTS", "apply_variant", "reason_then_draw", "reca"]
@@ -66,14 +70,13 @@ def reca(examples: Sequence[Example], seed: int = 0) -> list[Example]:
 
 def reason_then_draw(examples: Sequence[Example], seed: int = 0) -> list[Example]:
     """Every drawing example with its reasoning as ``response_text`` (module docstring):
-    ``"<object> is <colour>"`` for deductive drawings, ``""`` for the others."""
+    :func:`~unifyreg.toy.tasks.drawing_reasoning` (``""`` where there is nothing to state)."""
     out = []
     for example in examples:
         if example.task not in IMAGE_RESPONSE_TASKS or example.task == "reconstruction":
             out.append(example)
             continue
-        name = example.meta.get("object") if example.category == "deductive" else None
-        reasoning = f"{name} is {OBJECT_COLOURS[name]}" if name else ""
+        reasoning = drawing_reasoning(example)
         out.append(
             Example(
                 example.task,
