@@ -186,3 +186,11 @@ def test_generation_uses_the_current_cache_argument_and_warns_nothing(tiny_adapt
         answers = tiny_adapter.generate_text(examples)
         grids = tiny_adapter.generate_images(examples[:2])
     assert len(answers) == 4 and all(g.shape == (4, 4) for g in grids)
+    # ... also through a LoRA wrapper, whose forward takes **kwargs (the ablation's eval)
+    from unifyreg.config import LoraSettings
+    from unifyreg.module import apply_lora
+
+    apply_lora(tiny_adapter, LoraSettings(enabled=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert len(tiny_adapter.generate_text(examples)) == 4

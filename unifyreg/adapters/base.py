@@ -470,8 +470,19 @@ def cache_argument(model: nn.Module, cache: Any) -> dict[str, Any]:
     version warns that it will be removed)."""
     import inspect
 
-    parameters = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
+    target: Any = model
+    for _ in range(4):  # through wrappers whose forward takes **kwargs (peft, DDP)
+        parameters = inspect.signature(target.forward).parameters
+        if "cache" in parameters:
+            return {"cache": cache}
+        if "past_key_values" in parameters:
+            break
+        inner = target.get_base_model() if hasattr(target, "get_base_model") else None
+        inner = inner if inner is not None else getattr(target, "module", None)
+        if not isinstance(inner, nn.Module) or inner is target:
+            break
+        target = inner
+    return {"past_key_values": cache}
 
 
 def output_cache(output: Any) -> Any:
