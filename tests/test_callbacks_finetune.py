@@ -219,3 +219,18 @@ def test_real_family_lora_configs_run_one_short_epoch(family, config, tmp_path, 
     assert (run_dir / "lora" / "adapter_config.json").is_file()
     header = next((run_dir / "logs").glob("version_*/metrics.csv")).read_text().splitlines()[0]
     assert "loss/ctx" in header and "loss/div" in header and "unify/encoding_gap" in header
+
+
+def test_a_shuffled_loader_keeps_a_short_last_batch_only_when_a_rank_would_get_none(
+    tiny_adapter, tiny_splits
+):
+    """7 examples in batches of 7 on 2 ranks give each rank 4 (DistributedSampler): dropping
+    the short batch would leave both ranks with nothing to train on (Lightning then stops
+    with "No training batches" and the run saves an untrained model)."""
+    from unifyreg.module import example_loader
+
+    examples = tiny_splits["finetune"][:7]
+    assert example_loader(tiny_adapter, examples, 7, shuffle=True).drop_last
+    assert not example_loader(tiny_adapter, examples, 7, shuffle=True, world_size=2).drop_last
+    assert example_loader(tiny_adapter, examples, 3, shuffle=True, world_size=2).drop_last
+    assert len(example_loader(tiny_adapter, examples[:5], 7, shuffle=True)) == 1

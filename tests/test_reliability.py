@@ -128,7 +128,7 @@ def _assert_files_complete(run_dir):
         (
             "model.adapter=gpt5",
             "unknown adapter 'gpt5'; registered: chameleon, emu3, glm_image, hooked, janus, showo, "
-            "toy",
+            "toy, two_stage",
         ),
         ("model.path=/no/such/model", "model.path: directory '/no/such/model' does not exist"),
     ],

@@ -10,7 +10,9 @@ Logged metric names (``LL`` = the layer index, two digits; step = the global ste
 
 - ``probe/<quantity>/layer_LL``: mean raw value over the probe set (bits), for
   ``<quantity>`` in ``encoding/text``, ``encoding/image``, ``response/text``,
-  ``response/image``;
+  ``response/image``; ``LL`` is the layer of the stack the quantity is computed on
+  (``ProbeResult.axis``: a two-stage model's ``response/image`` counts the denoiser's
+  blocks, the other quantities the LLM's);
 - ``probe_norm/<quantity>/layer_LL``: the same, length-normalised;
 - ``unify/encoding_gap``, ``unify/response_split``, ``unify/final_gap``: unifyreg's
   scalar scores (see :mod:`unifyreg.probing`);
@@ -75,7 +77,7 @@ def probe_metrics(result: ProbeResult) -> dict[str, float]:
             mean = result.pooled_mean(quantity, normalized=normalized)
             if mean is None:
                 continue
-            for layer, value in zip(result.layers, mean, strict=True):
+            for layer, value in zip(result.quantity_layers(quantity), mean, strict=True):
                 metrics[f"{prefix}/{quantity}/layer_{layer:02d}"] = float(value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a missing modality was already reported once

@@ -112,6 +112,15 @@ def _each(rule: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
     return check
 
 
+def _optional(rule: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """The rule, or nothing to check for None (a key left unset)."""
+
+    def check(value: Any) -> str | None:
+        return None if value is None else rule(value)
+
+    return check
+
+
 def _non_empty(values: Any) -> str | None:
     return None if len(values) else "must not be empty"
 
@@ -297,7 +306,11 @@ class ProbeConfig(Section):
     - ``max_gram_bytes``: bytes of Gram matrices built at once (> 0; default 256 MiB);
     - ``max_tokens``: keep at most this many tokens of each role segment, a seeded uniform
       subsample (0 = all tokens); changes the estimate (README, "Which path for which size");
-    - ``slq``: settings of the ``slq`` method (:class:`unifyreg.estimators.SLQSettings`).
+    - ``slq``: settings of the ``slq`` method (:class:`unifyreg.estimators.SLQSettings`);
+    - ``timestep``: the noise level ``t`` in [0, 1] at which continuous families (flow
+      matching: ``x_t = (1 - t) x_0 + t eps``, 0 = clean, 1 = pure noise;
+      :mod:`unifyreg.adapters.continuous`) are probed, with each example's noise seeded from
+      a stable hash of the example; default 0.5. Discrete families ignore it.
     """
 
     _prefix = "probe"
@@ -315,6 +328,7 @@ class ProbeConfig(Section):
     max_gram_bytes: int = 268435456
     max_tokens: int = 0
     slq: SLQSettings = field(default_factory=SLQSettings)
+    timestep: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.slq, dict):  # Python convenience: ProbeConfig(slq={...})
@@ -429,7 +443,13 @@ class LossConfig(Section):
     - ``div_dtype``: precision of ``L_div``'s estimator, ``float32`` (default: alpha = 2
       needs no eigendecomposition, and float32 stays within 1e-4 relative of float64,
       tested) or ``float64``;
-    - ``warmup_steps``: weights ramp linearly from 0 over this many steps.
+    - ``warmup_steps``: weights ramp linearly from 0 over this many steps;
+    - ``text_weight``, ``image_weight``: the task loss as ``text_weight * L_text +
+      image_weight * L_image`` (each a mean over its own targets; BAGEL's trainer's
+      ``ce_weight``/``mse_weight``). Both unset (None, the default): the family's own
+      weighting, which for discrete families is the token-weighted mean of today (numbers
+      unchanged) and for continuous families (an MSE image loss) weights 1 and 1; one set
+      alone: the other is 1.
     """
 
     _prefix = "loss"
@@ -446,6 +466,8 @@ class LossConfig(Section):
     div_dtype: Literal["float32", "float64"] = "float32"
     div_bandwidth: Literal["median_differentiable", "median"] = "median_differentiable"
     warmup_steps: int = 0
+    text_weight: float | None = None
+    image_weight: float | None = None
 
     @property
     def active(self) -> bool:
@@ -738,6 +760,7 @@ RANGE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ProbeConfig, "layers_per_chunk"): COUNT,
     (ProbeConfig, "max_gram_bytes"): AT_LEAST_ONE,
     (ProbeConfig, "max_tokens"): COUNT,
+    (ProbeConfig, "timestep"): FRACTION,
     (PretrainToyConfig, "max_steps"): AT_LEAST_ONE,
     (PretrainToyConfig, "seed"): COUNT,
     (PretrainToyConfig, "batch_size"): AT_LEAST_ONE,
@@ -756,6 +779,8 @@ RANGE_CHECKS: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (LossConfig, "div_alpha"): POSITIVE,
     (LossConfig, "div_parts"): _non_empty,
     (LossConfig, "warmup_steps"): COUNT,
+    (LossConfig, "text_weight"): _optional(NON_NEGATIVE),
+    (LossConfig, "image_weight"): _optional(NON_NEGATIVE),
     (FinetuneConfig, "max_epochs"): AT_LEAST_ONE,
     (FinetuneConfig, "seed"): COUNT,
     (FinetuneConfig, "batch_size"): AT_LEAST_ONE,

@@ -16,7 +16,16 @@ one of two modes (``ctx_mode``):
 
       L_ctx = mean_{t masked} CE(head(h_t(x~)), x_t);
 
-  needs an adapter that takes masked prediction (``supports_masked_prediction``: the toy);
+  needs an adapter that takes masked prediction (``supports_masked_prediction``: the toy,
+  Show-o, the ``transformers`` families through an embedding hook). On a continuous family
+  (``image_objective = "flow"``: a two-stage model's denoiser) the masked inputs are latent
+  tokens of the sequence the family generates images in (``Adapter.generation_roles``),
+  replaced by one learned mask latent ``m`` (width ``Adapter.mask_width``, the latents'
+  embedding width), and predicted through the family's own head with its flow-matching
+  loss at those positions, Harmon's masked autoregression in a flow model's terms:
+
+      L_ctx = mean_{t masked} || v_theta(x~_t)_t - (eps - x_0)_t ||^2  (the family's target);
+
 - ``causal`` (a stand-in for models that cannot take a 4-D mask): each image-response
   input position is replaced by ``m`` with probability ``mask_ratio`` and every image
   token is still predicted next-token:
@@ -42,9 +51,16 @@ float32 by default), length-normalised and averaged over the batch's samples:
 
 ``Ht, Hi``: text / image prompt entropy; ``Ct, Ci``: text / image response proxy. A part
 whose two sides are not both in the batch contributes 0 without error; a non-finite
-value contributes 0 too. ``loss/div_parts`` logs how many parts contributed, and
-``loss/ctx_tokens`` how many image tokens ``L_ctx`` scored (0 when the batch has none or
-``L_ctx`` is not finite: the term added 0).
+value contributes 0 too. With two stacks (``ForwardOutput.extra_stacks``: a two-stage
+model, whose ``response/image`` lies on the denoiser) each quantity is computed on the
+stack that serves it, at the ``div_layers`` of the primary stack and the same depth
+fractions of the other (:func:`unifyreg.adapters.base.fraction_layers`), and a pair on two
+stacks is compared at the depth fractions of the coarser trajectory, the finer one
+interpolated linearly (:func:`unifyreg.quantities.align_by_depth`, as the probe's scores):
+:func:`stack_divergence_loss`. On one stack it equals :func:`divergence_loss` exactly.
+``loss/div_parts`` logs how many parts contributed, and ``loss/ctx_tokens`` how many
+image tokens ``L_ctx`` scored (0 when the batch has none or ``L_ctx`` is not finite: the
+term added 0).
 """
 
 from __future__ import annotations
@@ -55,12 +71,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from unifyreg.adapters.base import Adapter, ForwardOutput, cosine_masked_positions
+from unifyreg.adapters.base import (
+    Adapter,
+    ForwardOutput,
+    cosine_masked_positions,
+    fraction_layers,
+    select_rows,
+)
 from unifyreg.config import LossConfig
-from unifyreg.quantities import PAIRS, batch_quantities
+from unifyreg.quantities import PAIRS, align_by_depth, batch_quantities
 from unifyreg.roles import Role
 
-__all__ = ["ContextualPredictionLoss", "divergence_loss"]
+__all__ = ["ContextualPredictionLoss", "divergence_loss", "stack_divergence_loss"]
 
 
 def divergence_loss(
@@ -103,6 +125,77 @@ def divergence_loss(
     return total, used
 
 
+def stack_divergence_loss(
+    output: ForwardOutput,
+    layers: Sequence[int] = (),
+    alpha: float = 2.0,
+    parts: tuple[str, ...] = ("encoding", "response"),
+    dtype: torch.dtype = torch.float64,
+    bandwidth: str = "median_differentiable",
+) -> tuple[Tensor, int]:
+    """``(L_div, parts that contributed)`` on every stack of ``output`` (module docstring).
+
+    ``layers``: layers of the primary stack (empty = all captured; negative ones count from
+    the end of the captured list); each other stack takes its captured layers at the same
+    depth fractions. Each quantity is computed on the stack that serves it; a pair on one
+    stack and layers is compared layer by layer (as :func:`divergence_loss`), a pair on two
+    stacks at the depth fractions of the coarser trajectory.
+    """
+    wanted = [q for part in parts for q in PAIRS[part]]
+    primary = output.primary_stack()
+    if primary.hidden_layers is None:
+        raise ValueError(
+            "L_div needs hidden states: build UMMModule with hidden_states_for_terms=True"
+        )
+    chosen = list(layers) or list(primary.layers)
+    chosen = [primary.layers[c] if c < 0 else c for c in chosen]
+    trajectories: dict[str, tuple[Tensor, tuple[str, tuple[int, ...]], tuple[float, ...]]] = {}
+    with torch.autocast(device_type=output.roles.device.type, enabled=False):
+        for index, stack in enumerate(output.stacks()):
+            names = [q for q in wanted if q in stack.quantities]
+            if not names or stack.hidden_layers is None or stack.roles.shape[0] == 0:
+                continue
+            if index == 0:
+                picked = chosen
+            else:
+                picked = [
+                    layer
+                    for layer in fraction_layers(chosen, primary.depth, stack.depth)
+                    if layer in stack.layers
+                ] or list(stack.layers)
+            hidden = [stack.hidden_layers[stack.layers.index(layer)] for layer in picked]
+            values = batch_quantities(
+                hidden, stack.roles, alpha=alpha, sigma=bandwidth, dtype=dtype, quantities=names
+            )
+            for name, value in values.items():
+                trajectories[name] = (
+                    value.normalized.mean(dim=1),
+                    (stack.name, tuple(picked)),
+                    tuple(layer / stack.depth for layer in picked),
+                )
+    total = output.roles.new_zeros((), dtype=torch.float64)
+    used = 0
+    for part in parts:
+        text, image = PAIRS[part]
+        if text not in trajectories or image not in trajectories:
+            continue
+        (a, where_a, fa), (b, where_b, fb) = trajectories[text], trajectories[image]
+        if where_a != where_b:
+            a, b, _ = align_by_depth(a, fa, b, fb)
+        term = ((a - b).double() ** 2).mean()
+        if torch.isfinite(term):
+            total = total + term
+            used += 1
+    return total, used
+
+
+def _generation_roles(adapter: Adapter | None, batch: dict) -> Tensor:
+    """``adapter.generation_roles(batch)``, or the batch's ``roles`` for an adapter (or a
+    duck-typed stand-in) without one."""
+    read = getattr(adapter, "generation_roles", None)
+    return read(batch) if callable(read) else batch["roles"]
+
+
 class ContextualPredictionLoss(nn.Module):
     """The regularizer as a loss term for :class:`unifyreg.module.UMMModule`.
 
@@ -143,11 +236,14 @@ class ContextualPredictionLoss(nn.Module):
             return base
         return base * min(1.0, step / self.config.warmup_steps)
 
-    def context_rows(self, batch: dict) -> dict | None:
+    def context_rows(self, batch: dict, adapter: Adapter | None = None) -> dict | None:
         """The sub-batch ``L_ctx`` runs on (see the module docstring), or None when the
-        batch has no image-response token. Rows keep their batch order."""
-        roles = batch["roles"]
-        size, length = roles.shape
+        batch has no image-response token. Rows keep their batch order. With an
+        ``adapter``, image rows are found in its ``generation_roles`` and cut by its
+        ``select_rows`` (a two-stage model's denoiser sequence); without, in ``roles``,
+        right-padded columns trimmed (:func:`unifyreg.adapters.base.select_rows`)."""
+        roles = _generation_roles(adapter, batch)
+        size = roles.shape[0]
         has_image = torch.nonzero((roles == int(Role.IMAGE_RESPONSE)).any(dim=1)).flatten()
         if has_image.numel() == 0:
             return None
@@ -155,32 +251,19 @@ class ContextualPredictionLoss(nn.Module):
         if has_image.numel() > keep:
             order = torch.randperm(has_image.numel(), generator=self._generator)
             has_image = has_image[order[:keep]].sort().values
-        if has_image.numel() == size:
-            return batch
-        # Right-padded batches (every adapter's training layout): columns past the longest
-        # kept row are padding for all of them.
-        width = int((roles[has_image] != int(Role.PAD)).sum(dim=1).max())
-        rows = {}
-        for name, value in batch.items():
-            if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == size:
-                value = value[has_image]
-                # Every sequence-long dim is trimmed: [B, S] fields and the [B, 1, S, S]
-                # attention_mask_4d alike.
-                for dim in range(1, value.ndim):
-                    if value.shape[dim] == length:
-                        value = value.narrow(dim, 0, width)
-            rows[name] = value
-        return rows
+        has_image = has_image.to(batch["roles"].device)
+        cut = getattr(adapter, "select_rows", None)
+        return cut(batch, has_image) if callable(cut) else select_rows(batch, has_image)
 
     def contextual_prediction(self, adapter: Adapter, batch: dict) -> tuple[Tensor, Tensor]:
         """``(L_ctx, image tokens scored)`` with a fresh random mask of image inputs, on
         :meth:`context_rows` of the batch."""
-        sub_batch = self.context_rows(batch)
+        sub_batch = self.context_rows(batch, adapter)
         if sub_batch is None:
             zero = self.mask_embedding.new_zeros(())
             return zero, torch.zeros((), dtype=torch.long)
         batch = dict(sub_batch)
-        roles = batch["roles"]
+        roles = _generation_roles(adapter, batch)
         if self.config.ctx_mode == "bidirectional":
             if not getattr(adapter, "supports_masked_prediction", False):
                 raise ValueError(
@@ -191,11 +274,12 @@ class ContextualPredictionLoss(nn.Module):
             masked = cosine_masked_positions(roles.cpu(), generator=self._generator)
             batch["masked_positions"] = masked.to(roles.device)
         else:
-            if getattr(adapter, "image_objective", "next_token") != "next_token":
+            objective = getattr(adapter, "image_objective", "next_token")
+            if objective != "next_token":
+                what = "masked image tokens" if objective == "masked" else "continuous latents"
                 raise ValueError(
                     "loss.ctx_mode=causal scores next-token image targets; adapter "
-                    f"{adapter.name!r} predicts masked image tokens: use "
-                    "loss.ctx_mode=bidirectional"
+                    f"{adapter.name!r} predicts {what}: use loss.ctx_mode=bidirectional"
                 )
             # Next-token targets: a family objective's own masking does not apply here.
             batch.pop("masked_positions", None)
@@ -228,16 +312,26 @@ class ContextualPredictionLoss(nn.Module):
                 raise ValueError(
                     "L_div needs hidden states: build UMMModule with hidden_states_for_terms=True"
                 )
-            layers = list(cfg.div_layers) or list(range(len(output.layers)))
-            index = [output.layers.index(layer) if layer >= 0 else layer for layer in layers]
-            div, used = divergence_loss(
-                [output.hidden_layers[i] for i in index],
-                output.roles,
-                cfg.div_alpha,
-                tuple(cfg.div_parts),
-                getattr(torch, cfg.div_dtype),
-                cfg.div_bandwidth,
-            )
+            if output.extra_stacks:
+                div, used = stack_divergence_loss(
+                    output,
+                    list(cfg.div_layers),
+                    cfg.div_alpha,
+                    tuple(cfg.div_parts),
+                    getattr(torch, cfg.div_dtype),
+                    cfg.div_bandwidth,
+                )
+            else:
+                layers = list(cfg.div_layers) or list(range(len(output.layers)))
+                index = [output.layers.index(layer) if layer >= 0 else layer for layer in layers]
+                div, used = divergence_loss(
+                    [output.hidden_layers[i] for i in index],
+                    output.roles,
+                    cfg.div_alpha,
+                    tuple(cfg.div_parts),
+                    getattr(torch, cfg.div_dtype),
+                    cfg.div_bandwidth,
+                )
             total = total + self.weight(cfg.w_div, step) * div.to(total.dtype)
             logs["loss/div"] = div.detach()
             logs["loss/div_parts"] = float(used)

@@ -66,6 +66,10 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 class UMMModule(L.LightningModule):
     """Trains ``adapter.model`` on the adapter's task loss plus optional extra terms.
 
+    The task loss is ``ForwardOutput.weighted_task_loss(text_weight, image_weight)``: with
+    both None (the default) the family's own weighting (the token-weighted mean for
+    cross-entropy image losses), else ``text_weight * L_text + image_weight * L_image``.
+
     Example (plain Lightning)::
 
         adapter = ToyAdapter.create(tokenizer, grid_size=4)
@@ -82,6 +86,8 @@ class UMMModule(L.LightningModule):
         loss_terms: Sequence[LossTerm] = (),
         hidden_states_for_terms: bool = False,
         skipped_train_examples: int | None = None,
+        text_weight: float | None = None,
+        image_weight: float | None = None,
     ) -> None:
         super().__init__()
         if total_steps < 1:
@@ -99,6 +105,9 @@ class UMMModule(L.LightningModule):
             t for t in self.loss_terms if isinstance(t, torch.nn.Module)
         )
         self.hidden_states_for_terms = hidden_states_for_terms
+        #: Task-loss weights (``loss.text_weight``/``loss.image_weight``; None: the family's
+        #: default, ``ForwardOutput.weighted_task_loss``).
+        self.text_weight, self.image_weight = text_weight, image_weight
         #: Bad manifest lines skipped when the training data was read (logged once as
         #: ``data/skipped_examples``; None: not known, nothing logged).
         self.skipped_train_examples = skipped_train_examples
@@ -128,7 +137,7 @@ class UMMModule(L.LightningModule):
         batch = self.adapter.training_batch(batch)
         want_hidden = self.hidden_states_for_terms and bool(self.loss_terms)
         out = self.adapter.forward(batch, output_hidden_states=want_hidden)
-        loss = out.task_loss
+        loss = out.weighted_task_loss(self.text_weight, self.image_weight)
         batch_size = int(batch["roles"].shape[0])
         logs: dict[str, Any] = {
             "loss/task": loss.detach(),
@@ -275,12 +284,17 @@ def example_loader(
     batch_size: int,
     shuffle: bool,
     seed: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A DataLoader over examples that batches with ``adapter.encode``; with ``shuffle``,
-    the order of epoch e depends only on ``(seed, e)`` (:class:`EpochRandomSampler`)."""
+    the order of epoch e depends only on ``(seed, e)`` (:class:`EpochRandomSampler`).
+    A shuffled loader drops the last short batch unless one rank's share of the examples
+    (``ceil(n / world_size)``: Lightning's ``DistributedSampler`` under DDP) is shorter than
+    a batch, so every rank trains on at least one batch."""
     if len(examples) == 0:
         raise ValueError("no training examples")
     data = list(examples)
+    per_rank = -(-len(data) // max(1, int(world_size)))
     return DataLoader(
         data,
         batch_size=batch_size,
@@ -288,7 +302,7 @@ def example_loader(
         collate_fn=adapter.encode,
         # Only seeds worker processes; keeps the global random state untouched.
         generator=torch.Generator().manual_seed(seed),
-        drop_last=shuffle and len(examples) >= batch_size,
+        drop_last=shuffle and per_rank >= batch_size,
     )
 
 

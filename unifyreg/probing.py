@@ -17,6 +17,20 @@ normalised per-layer means pooled over categories, ``Ht, Hi`` (encoding text/ima
 - ``response_split = mean_l (Ct(l) - Ci(l))`` (> 0: text "creative", image "fidelity")
 - ``final_gap      = |Ct(L) - Ci(L)|`` at the last probed layer
 
+A family with two stacks of layers (a two-stage model: the LLM and the denoiser) computes
+each quantity on the stack that serves it (``ForwardOutput.extra_stacks``), so a pair may
+lie on two stacks of different depth. Such a pair is put on one axis by **depth
+fraction** ``l / L`` of each stack: the finer trajectory is interpolated linearly onto the
+coarser one's fractions (:func:`unifyreg.quantities.align_by_depth`), the means run over
+those fractions and ``final_gap`` is taken at the last of them (fraction 1 when both last
+layers are probed). A pair on the same stack and layers is compared layer by layer, as
+above, to the digit. Each quantity's layers are :meth:`ProbeResult.axis`.
+
+Continuous families (``image_objective = "flow"``) are probed at the fixed noise level
+``probe.timestep`` with each example's noise seeded from a stable hash of the example
+(:mod:`unifyreg.adapters.continuous`), so two probes of one model agree exactly and a
+sharded (DDP) probe equals a single process.
+
 Files (tables, figures) are written by :mod:`unifyreg.report`; a result saves and loads
 its own per-sample JSON (:meth:`ProbeResult.save`, :meth:`ProbeResult.load`).
 """
@@ -36,11 +50,12 @@ import torch
 
 from unifyreg.config import ProbeConfig, canonical_bandwidth, probe_regime
 from unifyreg.fileio import atomic_write_json
-from unifyreg.quantities import PAIRS, QUANTITIES, batch_quantities
+from unifyreg.quantities import PAIRS, QUANTITIES, align_by_depth, batch_quantities
 
 __all__ = [
     "SCORE_NAMES",
     "ProbeResult",
+    "QuantityAxis",
     "QuantityRecords",
     "probe_batch",
     "run_probe",
@@ -72,6 +87,33 @@ class QuantityRecords:
         self.tokens = np.concatenate([self.tokens, other.tokens])
 
 
+@dataclass(frozen=True)
+class QuantityAxis:
+    """Where one quantity's values lie: the ``stack`` it was computed on, its ``layers``
+    (one column of its records each) and the stack's ``depth`` L (None: not recorded, as in
+    files written before stacks existed)."""
+
+    stack: str
+    layers: tuple[int, ...]
+    depth: int | None = None
+
+    def fractions(self) -> tuple[float, ...]:
+        """Depth fraction ``l / L`` of each layer; ValueError when the depth is unknown."""
+        if not self.depth:
+            raise ValueError(f"the depth of stack {self.stack!r} is not recorded")
+        return tuple(layer / self.depth for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"stack", "layers", "depth"}`` (JSON-ready)."""
+        return {"stack": self.stack, "layers": list(self.layers), "depth": self.depth}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantityAxis:
+        """Inverse of :meth:`to_dict`."""
+        depth = data.get("depth")
+        return cls(str(data["stack"]), tuple(data["layers"]), None if depth is None else int(depth))
+
+
 @dataclass
 class ProbeResult:
     """Per-sample probe values for every quantity and layer, with statistics and output.
@@ -79,12 +121,52 @@ class ProbeResult:
     ``stats(q)`` gives mean, std and count per category (and ``"all"``) and layer;
     ``scores()`` gives unifyreg's scalar scores; ``merge`` pools results of several
     shards (e.g. DDP ranks) exactly as one run over their union.
+
+    ``layers`` are the primary stack's layers (``stack``, of ``depth`` blocks); a quantity
+    computed on another stack (a two-stage model's denoiser) has its own entry in ``axes``.
+    :meth:`axis` gives any quantity's stack, layers and depth.
     """
 
     layers: tuple[int, ...]
     records: dict[str, QuantityRecords]
     settings: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    depth: int | None = None
+    axes: dict[str, QuantityAxis] = field(default_factory=dict)
+    stack: str = "main"
+
+    def axis(self, quantity: str) -> QuantityAxis:
+        """The stack, layers and depth of ``quantity``'s values (the primary stack's unless
+        ``axes`` names another)."""
+        if quantity not in QUANTITIES:
+            raise ValueError(f"unknown quantity {quantity!r}; valid: {', '.join(QUANTITIES)}")
+        return self.axes.get(quantity) or QuantityAxis(self.stack, tuple(self.layers), self.depth)
+
+    def quantity_layers(self, quantity: str) -> tuple[int, ...]:
+        """The layer index of each column of ``quantity``'s records."""
+        return self.axis(quantity).layers
+
+    def pair_trajectories(
+        self, level: str, normalized: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """The pooled text and image trajectories of a level (``encoding``, ``response``)
+        on one axis: ``(text, image, fractions)``; ``fractions`` is None when both lie on
+        the same stack and layers (compared layer by layer), else the depth fractions they
+        were aligned at (module docstring). None when either has no sample."""
+        text_q, image_q = PAIRS[level]
+        text, image = self.pooled_mean(text_q, normalized), self.pooled_mean(image_q, normalized)
+        if text is None or image is None:
+            return None
+        ax_t, ax_i = self.axis(text_q), self.axis(image_q)
+        if (ax_t.stack, ax_t.layers) == (ax_i.stack, ax_i.layers):
+            return text, image, None
+        a, b, fractions = align_by_depth(
+            torch.as_tensor(text, dtype=torch.float64),
+            ax_t.fractions(),
+            torch.as_tensor(image, dtype=torch.float64),
+            ax_i.fractions(),
+        )
+        return a.numpy(), b.numpy(), fractions.numpy()
 
     # ------------------------------------------------------------------ statistics
 
@@ -124,15 +206,17 @@ class ProbeResult:
     def scores(self) -> dict[str, float]:
         """unifyreg's scalar scores (module docstring); a score whose inputs are missing
         from the probe set (e.g. no image prompts) is left out, with a warning."""
-        Ht, Hi = (self.pooled_mean(q) for q in PAIRS["encoding"])
-        Ct, Ci = (self.pooled_mean(q) for q in PAIRS["response"])
+        encoding = self.pair_trajectories("encoding")
+        response = self.pair_trajectories("response")
         scores: dict[str, float] = {}
         missing = []
-        if Ht is not None and Hi is not None:
+        if encoding is not None:
+            Ht, Hi, _ = encoding
             scores["encoding_gap"] = float(np.mean(np.abs(Ht - Hi)))
         else:
             missing.append("encoding_gap")
-        if Ct is not None and Ci is not None:
+        if response is not None:
+            Ct, Ci, _ = response
             scores["response_split"] = float(np.mean(Ct - Ci))
             scores["final_gap"] = float(abs(Ct[-1] - Ci[-1]))
         else:
@@ -152,14 +236,28 @@ class ProbeResult:
         """Pool the samples of several results over the same layers (e.g. DDP shards)."""
         if not results:
             raise ValueError("nothing to merge")
-        layers = results[0].layers
+        first = results[0]
+        layers = first.layers
         if any(r.layers != layers for r in results):
             raise ValueError("cannot merge probe results over different layers")
-        records = {q: QuantityRecords.empty(len(layers)) for q in QUANTITIES}
+        if any(
+            {q: r.axis(q) for q in QUANTITIES} != {q: first.axis(q) for q in QUANTITIES}
+            for r in results
+        ):
+            raise ValueError("cannot merge probe results whose quantities lie on different stacks")
+        records = {q: QuantityRecords.empty(len(first.quantity_layers(q))) for q in QUANTITIES}
         for result in results:
             for q in QUANTITIES:
                 records[q].extend(result.records[q])
-        return cls(layers, records, dict(results[0].settings), dict(results[0].meta))
+        return cls(
+            layers,
+            records,
+            dict(first.settings),
+            dict(first.meta),
+            first.depth,
+            dict(first.axes),
+            first.stack,
+        )
 
     # ------------------------------------------------------------------ files
 
@@ -167,6 +265,9 @@ class ProbeResult:
         """JSON-ready dict: per-sample records, statistics and scores."""
         return {
             "layers": list(self.layers),
+            "depth": self.depth,
+            "stack": self.stack,
+            "axes": {q: axis.to_dict() for q, axis in self.axes.items()},
             "settings": self.settings,
             "meta": self.meta,
             "records": {
@@ -182,9 +283,13 @@ class ProbeResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
-        n_layers = len(data["layers"])
+        """Inverse of :meth:`to_dict`; files written before stacks existed (no ``axes``,
+        ``depth``) load with every quantity on the primary stack, depth unknown."""
+        axes = {q: QuantityAxis.from_dict(a) for q, a in (data.get("axes") or {}).items()}
+        depth = data.get("depth")
         records = {}
         for q in QUANTITIES:
+            n_layers = len(axes[q].layers) if q in axes else len(data["layers"])
             r = data["records"][q]
             records[q] = QuantityRecords(
                 np.asarray(r["values"], dtype=float).reshape(-1, n_layers),
@@ -192,7 +297,15 @@ class ProbeResult:
                 list(r["categories"]),
                 np.asarray(r["tokens"], dtype=np.int64),
             )
-        return cls(tuple(data["layers"]), records, data.get("settings", {}), data.get("meta", {}))
+        return cls(
+            tuple(data["layers"]),
+            records,
+            data.get("settings", {}),
+            data.get("meta", {}),
+            None if depth is None else int(depth),
+            axes,
+            str(data.get("stack", "main")),
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write JSON atomically (per-sample records, so it can be merged or re-analysed;
@@ -234,6 +347,8 @@ class ProbeResult:
         return {
             **self.regime(),
             "layers": list(self.layers),
+            "depth": self.depth,
+            "axes": {q: self.axis(q).to_dict() for q in QUANTITIES},
             "scores": scores,
             "stats": {
                 q: {"raw": self.stats(q), "normalized": self.stats(q, normalized=True)}
@@ -274,13 +389,16 @@ def probe_batch(
     categories: Sequence[str],
     layers: Sequence[int],
     cfg: ProbeConfig,
+    quantities: Sequence[str] = QUANTITIES,
 ) -> dict[str, QuantityRecords]:
-    """The four quantities for one batch of hidden states (``[n_layers, B, S, d]`` or
-    per-layer ``[B, S, d]`` tensors), as per-sample records, with ``cfg``'s estimator
-    (``method``, ``max_gram_bytes``, ``slq``, ``max_tokens``); warns, with layer and
-    quantity, about non-finite values."""
+    """The ``quantities`` (default: all four) for one batch of hidden states
+    (``[n_layers, B, S, d]`` or per-layer ``[B, S, d]`` tensors), as per-sample records, with
+    ``cfg``'s estimator (``method``, ``max_gram_bytes``, ``slq``, ``max_tokens``); warns,
+    with layer and quantity, about non-finite values."""
     n_layers = len(layers)
-    records = {q: QuantityRecords.empty(n_layers) for q in QUANTITIES}
+    records = {q: QuantityRecords.empty(n_layers) for q in quantities}
+    if roles.shape[0] == 0 or not quantities:  # a stack that holds no row of this batch
+        return records
     computed = batch_quantities(
         hidden_states,
         roles,
@@ -293,6 +411,7 @@ def probe_batch(
         max_gram_bytes=cfg.max_gram_bytes,
         slq=cfg.slq_settings,
         max_tokens=cfg.max_tokens,
+        quantities=quantities,
     )
     for name, q in computed.items():
         _warn_non_finite(name, q.values, layers)
@@ -324,6 +443,25 @@ def _with_generated_responses(adapter: Any, examples: Sequence[Any]) -> list[Any
     return [e for e in out if e.response_text is not None or e.response_image is not None]
 
 
+def probe_inputs(adapter: Any, examples: Sequence[Any], cfg: ProbeConfig) -> dict[str, Any]:
+    """The batch the probe runs ``adapter`` on: ``adapter.encode(examples)``, and for a
+    continuous family (``image_objective = "flow"``) every row at the noise level
+    ``probe.timestep`` (``timesteps``; the noise is seeded per example by ``encode``)."""
+    batch = adapter.encode(examples)
+    if getattr(adapter, "image_objective", "") == "flow":
+        batch["timesteps"] = torch.full((len(examples),), float(cfg.timestep))
+    return batch
+
+
+def _primary_depth(adapter: Any, out: Any) -> int | None:
+    if out.depth is not None:
+        return int(out.depth)
+    try:
+        return int(adapter.num_layers)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 @torch.no_grad()
 def run_probe(
     adapter: Any,
@@ -337,7 +475,10 @@ def run_probe(
 ) -> ProbeResult:
     """Probe ``adapter`` on ``examples`` (each with a ``category``) -> :class:`ProbeResult`.
 
-    Runs in eval mode without gradient and restores the model's mode afterwards.
+    Runs in eval mode without gradient and restores the model's mode afterwards. Each
+    quantity is computed on the stack that serves it (module docstring); ``probe.layers``
+    names layers of the primary stack, and the adapter probes its other stacks at the
+    same depth fractions (:func:`unifyreg.adapters.base.fraction_layers`).
     ``forward(batch, layers=..., final_norm=...) -> ForwardOutput`` replaces
     ``adapter.forward`` (a sharded model runs its forward through its wrapper this way).
     ``min_batches``: run at least this many forward passes, the missing ones on a batch of
@@ -360,7 +501,9 @@ def run_probe(
     model = adapter.model
     was_training = model.training
     model.eval()
-    records = {q: QuantityRecords.empty(len(layers)) for q in QUANTITIES}
+    records: dict[str, QuantityRecords] | None = None
+    axes: dict[str, QuantityAxis] = {}
+    primary = ("main", layers, None)
     try:
         if cfg.responses == "generated":
             examples = _with_generated_responses(adapter, examples)
@@ -373,16 +516,54 @@ def run_probe(
             iterator = tqdm(iterator, desc="probe", unit="batch")
         for chunk in iterator:
             if chunk is None:  # a padding pass: every rank runs the forward, nothing kept
-                forward(adapter.encode([padding_example]), layers=layers, final_norm=cfg.final_norm)
+                padding_batch = probe_inputs(adapter, [padding_example], cfg)
+                forward(padding_batch, layers=cfg.layers or None, final_norm=cfg.final_norm)
                 continue
-            out = forward(adapter.encode(chunk), layers=layers, final_norm=cfg.final_norm)
+            batch = probe_inputs(adapter, chunk, cfg)
+            out = forward(batch, layers=cfg.layers or None, final_norm=cfg.final_norm)
             categories = [str(getattr(e, "category", "default")) for e in chunk]
-            batch_records = probe_batch(out.hidden_layers, out.roles, categories, layers, cfg)
-            for q in QUANTITIES:
-                records[q].extend(batch_records[q])
+            primary = (out.stack_name, tuple(out.layers), _primary_depth(adapter, out))
+            for index, stack in enumerate(out.stacks()):
+                depth = primary[2] if index == 0 else stack.depth
+                axis = QuantityAxis(stack.name, stack.layers, depth)
+                for q in stack.quantities:
+                    if axes.setdefault(q, axis) != axis:
+                        raise RuntimeError(
+                            f"the adapter put {q} on {axes[q]} in one batch and on {axis} in "
+                            "another"
+                        )
+                rows = stack.rows.tolist() if stack.rows is not None else range(len(chunk))
+                batch_records = probe_batch(
+                    stack.hidden_layers if stack.hidden_layers is not None else [],
+                    stack.roles,
+                    [categories[i] for i in rows],
+                    stack.layers,
+                    cfg,
+                    quantities=stack.quantities,
+                )
+                if records is None:
+                    records = {}
+                for q, rec in batch_records.items():
+                    if q in records:
+                        records[q].extend(rec)
+                    else:
+                        records[q] = rec
             del out
     finally:
         model.train(was_training)
+    stack_name, layers, depth = primary
+    records = records or {}
+    for q in QUANTITIES:
+        records.setdefault(q, QuantityRecords.empty(len(layers)))
+    off_primary = {q: a for q, a in axes.items() if a.stack != stack_name}
     settings = dataclasses.asdict(cfg)
     settings["layers"] = list(layers)
-    return ProbeResult(tuple(layers), records, settings, {"adapter": adapter.name})
+    return ProbeResult(
+        tuple(layers),
+        {q: records[q] for q in QUANTITIES},
+        settings,
+        {"adapter": adapter.name},
+        depth,
+        off_primary,
+        stack_name,
+    )

@@ -42,6 +42,7 @@ __all__ = [
     "QUANTITY_TABLE",
     "BatchQuantity",
     "Quantity",
+    "align_by_depth",
     "auto_layers_per_chunk",
     "batch_quantities",
 ]
@@ -312,3 +313,34 @@ def batch_quantities(
         normalized = normalize_by_count(values, counts.to(values.dtype)[None, :], base)
         out[name] = BatchQuantity(values, normalized, counts, select)
     return out
+
+
+def _interpolate(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of ``(xp, fp)`` (``xp`` ascending) at ``x``, holding
+    the end values outside ``[xp[0], xp[-1]]`` (``numpy.interp``'s rule); differentiable in
+    ``fp``."""
+    if xp.numel() == 1:
+        return fp.expand(x.shape[0]).clone()
+    right = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
+    left = right - 1
+    span = (xp[right] - xp[left]).clamp_min(torch.finfo(xp.dtype).tiny)
+    weight = ((x - xp[left]) / span).clamp(0, 1).to(fp.dtype)
+    return fp[left] + weight * (fp[right] - fp[left])
+
+
+def align_by_depth(
+    a: Tensor, fractions_a: Sequence[float], b: Tensor, fractions_b: Sequence[float]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Two per-layer trajectories of stacks of different depth on one axis: ``(a', b',
+    fractions)`` at the depth fractions (``layer / L``) of the coarser trajectory (fewer
+    points; ``a``'s on a tie), the finer one interpolated linearly onto them (ends held).
+    ``a`` ``[n_a]`` and ``b`` ``[n_b]``, in the order of their fractions (sorted here)."""
+    fa = torch.as_tensor(list(fractions_a), dtype=torch.float64, device=a.device)
+    fb = torch.as_tensor(list(fractions_b), dtype=torch.float64, device=b.device)
+    if fa.numel() != a.numel() or fb.numel() != b.numel() or not a.numel() or not b.numel():
+        raise ValueError("each trajectory needs one depth fraction per value, and a value")
+    order_a, order_b = torch.argsort(fa), torch.argsort(fb)
+    a, fa, b, fb = a[order_a], fa[order_a], b[order_b], fb[order_b]
+    if fb.numel() < fa.numel():
+        return _interpolate(fb, fa, a), b, fb
+    return a, _interpolate(fa, fb, b), fa

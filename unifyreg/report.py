@@ -106,16 +106,19 @@ def probe_table(result: ProbeResult, layer: int | None = None, fmt: str = "markd
 
 
 def probe_stats_csv(result: ProbeResult) -> str:
-    """Every statistic in long form, one CSV row per (quantity, category, layer)."""
-    lines = ["quantity,category,layer,mean,std,count,normalized_mean,normalized_std"]
+    """Every statistic in long form, one CSV row per (quantity, category, layer); ``layer``
+    is the quantity's own (``ProbeResult.axis``) and the last column, ``stack``, names the
+    stack it was computed on."""
+    lines = ["quantity,category,layer,mean,std,count,normalized_mean,normalized_std,stack"]
     for q in QUANTITIES:
         raw, norm = result.stats(q), result.stats(q, normalized=True)
+        axis = result.axis(q)
         for category in raw:
-            for i, layer in enumerate(result.layers):
+            for i, layer in enumerate(axis.layers):
                 r, n = raw[category], norm[category]
                 lines.append(
                     f"{q},{category},{layer},{r['mean'][i]:.6f},{r['std'][i]:.6f},"
-                    f"{r['count']},{n['mean'][i]:.6f},{n['std'][i]:.6f}"
+                    f"{r['count']},{n['mean'][i]:.6f},{n['std'][i]:.6f},{axis.stack}"
                 )
     return "\n".join(lines) + "\n"
 
@@ -175,26 +178,47 @@ def close_figures(figures: Mapping[str, Figure]) -> None:
         plt.close(fig)
 
 
-def _layer_axis(ax) -> None:
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def _layer_axis(ax, by_fraction: bool = False) -> None:
+    if by_fraction:
+        ax.set_xlabel("depth fraction (layer / L of its stack)")
+    else:
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
+
+
+def _axes_differ(axes: Mapping[str, Any], quantities) -> bool:
+    """Whether the quantities lie on different stacks or layers (then plotted against
+    depth fraction); ``axes``: quantity -> ``{"stack", "layers", "depth"}``."""
+    seen = {(axes[q]["stack"], tuple(axes[q]["layers"])) for q in quantities if q in axes}
+    return len(seen) > 1
+
+
+def _x_values(axis: Mapping[str, Any], by_fraction: bool) -> list[float]:
+    if by_fraction and axis.get("depth"):
+        return [layer / axis["depth"] for layer in axis["layers"]]
+    return list(axis["layers"])
 
 
 def probe_result_figures(result: ProbeResult) -> dict[str, Figure]:
     """``encoding_trajectories``: prompt-entropy trajectories per modality and category;
     ``response_trajectories``: text vs image conditional-entropy trajectories; both
-    length-normalised, mean (+- std for responses) over samples."""
-    layers = list(result.layers)
+    length-normalised, mean (+- std for responses) over samples, each against its own
+    layers, or against depth fraction when the two modalities of a figure lie on stacks of
+    different depth (a two-stage model's responses)."""
+    axes_of = {q: result.axis(q).to_dict() for q in QUANTITIES}
     figures: dict[str, Figure] = {}
 
+    pair = ("encoding/text", "encoding/image")
+    by_fraction = _axes_differ(axes_of, pair)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, quantity in zip(axes, ("encoding/text", "encoding/image"), strict=True):
+    for ax, quantity in zip(axes, pair, strict=True):
         stats = result.stats(quantity, normalized=True)
+        xs = _x_values(axes_of[quantity], by_fraction)
         for category, st in stats.items():
             style = {"color": "black", "linewidth": 2.5} if category == "all" else {}
             ax.plot(
-                layers,
+                xs,
                 st["mean"],
                 marker="o",
                 markersize=3,
@@ -202,25 +226,27 @@ def probe_result_figures(result: ProbeResult) -> dict[str, Figure]:
                 **style,
             )
         ax.set_title(f"{quantity.split('/')[1]} prompts")
-        _layer_axis(ax)
+        _layer_axis(ax, by_fraction)
         if stats:
             ax.legend(fontsize=7)
     axes[0].set_ylabel("normalised matrix entropy  H / log2 n")
     fig.suptitle("Prompt encoding: entropy trajectories")
     figures["encoding_trajectories"] = fig
 
+    by_fraction = _axes_differ(axes_of, ("response/text", "response/image"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for quantity, colour in (("response/text", "tab:blue"), ("response/image", "tab:orange")):
         stats = result.stats(quantity, normalized=True).get("all")
         if stats is None:
             continue
+        layers = _x_values(axes_of[quantity], by_fraction)
         mean = stats["mean"]
         low = [m - s for m, s in zip(mean, stats["std"], strict=True)]
         high = [m + s for m, s in zip(mean, stats["std"], strict=True)]
         label = f"{quantity.split('/')[1]} response (n={stats['count']})"
         ax.plot(layers, mean, marker="o", markersize=3, color=colour, label=label)
         ax.fill_between(layers, low, high, color=colour, alpha=0.15)
-    _layer_axis(ax)
+    _layer_axis(ax, by_fraction)
     ax.set_ylabel("normalised proxy  H(R|P) / log2(n+m)")
     ax.set_title("Response: conditional-entropy trajectories")
     ax.legend(fontsize=8)
@@ -245,17 +271,19 @@ def drawn_epochs(history: list[dict[str, Any]], limit: int = MAX_EPOCH_CURVES) -
 def probe_history_figures(history: list[dict[str, Any]]) -> dict[str, Figure]:
     """Trajectories across epochs, one curve per probe (epoch label in the legend; at most
     :data:`MAX_EPOCH_CURVES` probes, evenly spaced, first and last included), one figure
-    per quantity with samples: ``<quantity with _ for />_by_epoch`` (normalised means)."""
+    per quantity with samples: ``<quantity with _ for />_by_epoch`` (normalised means,
+    against the quantity's own layers)."""
     figures: dict[str, Figure] = {}
     history = [history[i] for i in drawn_epochs(history)]
     for quantity in QUANTITIES:
         curves = []
         for entry in history:
-            stats = entry["summary"]["stats"].get(quantity)
+            summary = entry["summary"]
+            stats = summary["stats"].get(quantity)
+            axis = summary.get("axes", {}).get(quantity)
+            layers = axis["layers"] if axis else summary["layers"]
             if stats and "all" in stats["normalized"]:
-                curves.append(
-                    (entry["epoch"], entry["summary"]["layers"], stats["normalized"]["all"]["mean"])
-                )
+                curves.append((entry["epoch"], layers, stats["normalized"]["all"]["mean"]))
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -272,15 +300,17 @@ def probe_history_figures(history: list[dict[str, Any]]) -> dict[str, Figure]:
 
 def ablation_figures(by_arm: dict[str, Any]) -> dict[str, Figure]:
     """``trajectories``: the final normalised trajectories of the probe quantities, one
-    curve per arm (mean over runs); ``scores``: scalar scores and accuracies per arm,
-    mean with error bars (``std`` of the arm's entry)."""
+    curve per arm (mean over runs), each against the quantity's own layers
+    (``quantity_layers``, else ``layers``); ``scores``: scalar scores and accuracies per
+    arm, mean with error bars (``std`` of the arm's entry)."""
     figures: dict[str, Figure] = {}
     fig, axes = plt.subplots(1, len(QUANTITIES), figsize=(4 * len(QUANTITIES), 3.8))
     for ax, quantity in zip(axes, QUANTITIES, strict=True):
         for arm, entry in by_arm.items():
             curve = entry["trajectories"].get(quantity)
+            layers = entry.get("quantity_layers", {}).get(quantity, entry["layers"])
             if curve is not None:
-                ax.plot(entry["layers"], curve, marker="o", markersize=3, label=arm)
+                ax.plot(layers, curve, marker="o", markersize=3, label=arm)
         ax.set_title(quantity)
         _layer_axis(ax)
     axes[0].set_ylabel("normalised value")

@@ -78,6 +78,11 @@ ADAPTERS: dict[str, AdapterSpec] = {
         "unifyreg.adapters.glm_image:GlmImageAdapter",
         description="GLM-Image's AR generator (GlmImageForConditionalGeneration): image tokens",
     ),
+    "two_stage": AdapterSpec(
+        "unifyreg.adapters.two_stage:TwoStageAdapter",
+        description="two-stage (Qwen2.5-VL + a diffusers denoiser, VAE, scheduler): "
+        "Qwen-Image(-Edit); OmniGen2 with its own transformer class",
+    ),
     "hooked": AdapterSpec(
         "unifyreg.adapters.hooked:HookedAdapter",
         description="any user module: layer list + embeddings + a step function (Python only)",

@@ -25,7 +25,19 @@ Batches are dicts of tensors with at least ``input_ids``, ``attention_mask`` (``
   and the image loss is the cross-entropy of the image head at each masked position
   against the token that was there (``input_ids`` keep the original tokens), over the
   masked positions only (``image_tokens`` counts them); without ``attention_mask_4d``
-  the adapter takes :func:`omni_attention_mask`.
+  the adapter takes :func:`omni_attention_mask`. A family whose images are generated in
+  another sequence than ``roles`` labels (a two-stage model's denoiser) indexes that
+  sequence instead: :meth:`Adapter.generation_roles` gives its roles;
+- ``timesteps`` ``[B]`` float and ``noise_seeds`` ``[B]`` int64, for continuous families
+  (``image_objective = "flow"``): the noise level ``t`` of each row's image response
+  (unifyreg's convention, :mod:`unifyreg.adapters.continuous`: ``x_t = (1 - t) x_0 + t
+  eps``) and the seed of its noise ``eps``. ``encode`` seeds each row from a stable hash of
+  its example; the probe sets ``timesteps`` to ``probe.timestep``; ``training_batch`` draws
+  both from the family's schedule.
+
+A family with more than one stack of layers (a two-stage model: an LLM and a denoiser)
+returns the others as :class:`HiddenStack` entries of ``ForwardOutput.extra_stacks``, each
+with its own layers, roles, depth and the probe quantities it serves.
 
 :meth:`Adapter.training_batch` is where a family's own training objective changes a
 batch (the toy's ``contextual`` objective and Show-o draw ``masked_positions`` there);
@@ -63,6 +75,7 @@ FINAL_NORM_DEFAULT = False
 
 __all__ = [
     "FINAL_NORM_DEFAULT",
+    "IMAGE_LOSS_KINDS",
     "IMAGE_ROLES",
     "TARGET_IMAGE",
     "TARGET_NONE",
@@ -70,15 +83,96 @@ __all__ = [
     "Adapter",
     "EmbeddingHook",
     "ForwardOutput",
+    "HiddenStack",
     "LayerStack",
     "capture_hidden_states",
+    "fraction_layers",
     "cosine_masked_positions",
     "model_attention_mask",
     "omni_attention_mask",
+    "select_rows",
 ]
 
 #: Roles of image positions (prompt or response).
 IMAGE_ROLES = (3, 5)  # Role.IMAGE_PROMPT, Role.IMAGE_RESPONSE (roles.py is below this file)
+
+
+#: What ``ForwardOutput.image_loss`` is: ``ce`` (a cross-entropy over image tokens, counted
+#: in tokens) or ``mse`` (a flow-matching / noise-prediction mean squared error, the mean
+#: over the scored latent elements, counted in latent tokens: ``image_tokens``).
+IMAGE_LOSS_KINDS = ("ce", "mse")
+
+
+@dataclass(init=False)
+class HiddenStack:
+    """A stack of hidden states beside a :class:`ForwardOutput`'s primary one (a two-stage
+    model's denoiser; the generation stream of a mixture-of-transformers).
+
+    - ``name``: what the stack is (``"denoiser"``); the primary stack is named by
+      ``ForwardOutput.stack_name``;
+    - ``layers``: its layer indices (0 = the input of its first block, ``l`` = the output of
+      block ``l``), one per entry of ``hidden_layers``;
+    - ``hidden_layers``: per-layer ``[B_k, S_k, d_k]`` tensors (None when not asked for);
+    - ``roles``: ``[B_k, S_k]`` Role labels of its own sequence;
+    - ``depth``: ``L_k``, its number of blocks (layer ``l`` sits at depth fraction ``l / L_k``);
+    - ``quantities``: the probe quantities (:data:`unifyreg.quantities.QUANTITIES`) computed on
+      this stack instead of the primary one (a denoiser: ``("response/image",)``, its
+      conditioning tokens as the prompt P and its latent tokens as the response R);
+    - ``rows``: ``[B_k]`` indices of the batch rows it holds, in order (None = all ``B``).
+    """
+
+    name: str
+    layers: tuple[int, ...]
+    hidden_layers: tuple[Tensor, ...] | None
+    roles: Tensor
+    depth: int
+    quantities: tuple[str, ...]
+    rows: Tensor | None = None
+
+    def __init__(
+        self,
+        name: str,
+        layers: Sequence[int],
+        hidden_states: Sequence[Tensor] | None,
+        roles: Tensor,
+        depth: int,
+        quantities: Sequence[str],
+        rows: Tensor | None = None,
+    ) -> None:
+        self.name = name
+        self.layers = tuple(int(layer) for layer in layers)
+        self.hidden_layers = None if hidden_states is None else tuple(hidden_states)
+        if self.hidden_layers is not None and len(self.hidden_layers) != len(self.layers):
+            raise ValueError(
+                f"stack {name!r}: {len(self.hidden_layers)} hidden-state tensors for "
+                f"{len(self.layers)} layer indices"
+            )
+        if roles.dim() != 2:
+            raise ValueError(f"stack {name!r}: roles must be [B, S], got {tuple(roles.shape)}")
+        if rows is not None and rows.numel() != roles.shape[0]:
+            raise ValueError(
+                f"stack {name!r}: {rows.numel()} row indices for {roles.shape[0]} rows of roles"
+            )
+        self.roles = roles
+        self.depth = int(depth)
+        if self.depth < 1:
+            raise ValueError(f"stack {name!r}: depth must be >= 1, got {depth}")
+        self.quantities = tuple(quantities)
+        self.rows = rows
+
+    def fractions(self) -> tuple[float, ...]:
+        """Depth fraction ``l / L_k`` of each layer."""
+        return tuple(layer / self.depth for layer in self.layers)
+
+
+def fraction_layers(layers: Sequence[int], depth: int, other_depth: int) -> tuple[int, ...]:
+    """The layers of a stack of ``other_depth`` blocks at the depth fractions of ``layers`` of
+    a stack of ``depth`` blocks: ``round(l * other_depth / depth)`` for each, sorted, without
+    duplicates (how ``probe.layers`` and ``loss.div_layers``, which name layers of the primary
+    stack, pick the layers of the other stacks)."""
+    if depth < 1 or other_depth < 1:
+        raise ValueError(f"depths must be >= 1, got {depth} and {other_depth}")
+    return tuple(sorted({int(round(layer * other_depth / depth)) for layer in layers}))
 
 
 @dataclass(init=False)
@@ -94,10 +188,20 @@ class ForwardOutput:
     - ``roles``: ``[B, S]`` int64 :class:`unifyreg.roles.Role` labels;
     - ``text_loss`` / ``image_loss``: mean loss over text / image response targets (0 when
       there are none), with ``text_tokens`` / ``image_tokens`` counts (the scored targets);
-    - ``logits``: ``[B, S, V]`` or ``None``.
+      ``image_loss_kind`` says what the image loss is (:data:`IMAGE_LOSS_KINDS`: ``ce``, or
+      ``mse`` for continuous families: the mean squared error over the scored latent
+      elements, ``image_tokens`` counting the scored latent tokens);
+    - ``logits``: ``[B, S, V]`` or ``None``;
+    - ``depth``: L, the number of blocks of the primary stack (None: not given; layer ``l``
+      sits at depth fraction ``l / L``); ``stack_name``: the primary stack's name;
+    - ``extra_stacks``: further :class:`HiddenStack` entries (a two-stage model's denoiser),
+      each serving the quantities it names; the primary stack serves the others.
 
-    ``task_loss`` is the token-weighted mean over both: ``(text_loss * text_tokens +
-    image_loss * image_tokens) / (text_tokens + image_tokens)``.
+    ``task_loss`` is :meth:`weighted_task_loss` with the family's default weights: for
+    ``ce`` the token-weighted mean ``(text_loss * text_tokens + image_loss * image_tokens) /
+    (text_tokens + image_tokens)``; for ``mse`` ``text_loss + image_loss`` (weights 1 and
+    1, as BAGEL's trainer's ``ce_weight``/``mse_weight`` defaults: token counts of a
+    cross-entropy and of a squared error are not commensurable).
 
     The constructor's ``hidden_states`` takes either a stacked ``[n, B, S, d]`` tensor
     (kept as views of it) or a sequence of ``n`` per-layer ``[B, S, d]`` tensors.
@@ -111,6 +215,10 @@ class ForwardOutput:
     image_loss: Tensor
     image_tokens: Tensor
     logits: Tensor | None = None
+    image_loss_kind: str = "ce"
+    depth: int | None = None
+    stack_name: str = "main"
+    extra_stacks: tuple[HiddenStack, ...] = ()
 
     def __init__(
         self,
@@ -122,6 +230,11 @@ class ForwardOutput:
         image_loss: Tensor,
         image_tokens: Tensor,
         logits: Tensor | None = None,
+        *,
+        image_loss_kind: str = "ce",
+        depth: int | None = None,
+        stack_name: str = "main",
+        extra_stacks: Sequence[HiddenStack] = (),
     ) -> None:
         if hidden_states is None:
             self.hidden_layers = None
@@ -135,12 +248,27 @@ class ForwardOutput:
                 f"{len(self.hidden_layers)} hidden-state tensors for "
                 f"{len(self.layers)} layer indices"
             )
+        if image_loss_kind not in IMAGE_LOSS_KINDS:
+            raise ValueError(
+                f"image_loss_kind must be one of {', '.join(IMAGE_LOSS_KINDS)}, "
+                f"got {image_loss_kind!r}"
+            )
         self.roles = roles
         self.text_loss = text_loss
         self.text_tokens = text_tokens
         self.image_loss = image_loss
         self.image_tokens = image_tokens
         self.logits = logits
+        self.image_loss_kind = image_loss_kind
+        self.depth = None if depth is None else int(depth)
+        self.stack_name = stack_name
+        self.extra_stacks = tuple(extra_stacks)
+        served = [q for stack in self.extra_stacks for q in stack.quantities]
+        if len(served) != len(set(served)):
+            raise ValueError(f"a quantity is served by two extra stacks: {served}")
+        names = [stack_name, *(stack.name for stack in self.extra_stacks)]
+        if len(names) != len(set(names)):
+            raise ValueError(f"stack names must differ, got {names}")
 
     @property
     def hidden_states(self) -> Tensor | None:
@@ -149,9 +277,58 @@ class ForwardOutput:
 
     @property
     def task_loss(self) -> Tensor:
-        """Token-weighted mean of the text and image losses (class docstring)."""
-        total = (self.text_tokens + self.image_tokens).clamp_min(1)
-        return (self.text_loss * self.text_tokens + self.image_loss * self.image_tokens) / total
+        """The task loss with the family's default weights (class docstring)."""
+        return self.weighted_task_loss()
+
+    def weighted_task_loss(
+        self, text_weight: float | None = None, image_weight: float | None = None
+    ) -> Tensor:
+        """``text_weight * text_loss + image_weight * image_loss`` (``loss.text_weight``,
+        ``loss.image_weight``; a weight left None is 1 when the other is given). Both None:
+        the family's default (class docstring): for a cross-entropy image loss the
+        token-weighted mean, exactly as before the weights existed."""
+        if text_weight is None and image_weight is None:
+            if self.image_loss_kind == "ce":
+                total = (self.text_tokens + self.image_tokens).clamp_min(1)
+                return (
+                    self.text_loss * self.text_tokens + self.image_loss * self.image_tokens
+                ) / total
+            text_weight = image_weight = 1.0
+        text_weight = 1.0 if text_weight is None else float(text_weight)
+        image_weight = 1.0 if image_weight is None else float(image_weight)
+        return text_weight * self.text_loss + image_weight * self.image_loss
+
+    def primary_stack(self) -> HiddenStack:
+        """The primary stack as a :class:`HiddenStack` (all rows), serving every quantity no
+        extra stack serves. ValueError when ``depth`` is not set and there are extra stacks
+        (depth fractions need it)."""
+        from unifyreg.quantities import QUANTITIES
+
+        served = {q for stack in self.extra_stacks for q in stack.quantities}
+        depth = self.depth
+        if depth is None:
+            if self.extra_stacks:
+                raise ValueError("a ForwardOutput with extra stacks must give its depth")
+            depth = max(max(self.layers, default=1), 1)
+        return HiddenStack(
+            self.stack_name,
+            self.layers,
+            self.hidden_layers,
+            self.roles,
+            depth,
+            tuple(q for q in QUANTITIES if q not in served),
+        )
+
+    def stacks(self) -> tuple[HiddenStack, ...]:
+        """Every stack: the primary one (:meth:`primary_stack`) first, then ``extra_stacks``."""
+        return (self.primary_stack(), *self.extra_stacks)
+
+    def stack_for(self, quantity: str) -> HiddenStack:
+        """The stack ``quantity`` is computed on."""
+        for stack in self.extra_stacks:
+            if quantity in stack.quantities:
+                return stack
+        return self.primary_stack()
 
 
 # ---------------------------------------------------------------------- layer capture
@@ -353,7 +530,10 @@ class Adapter(abc.ABC):
     #: Module-name suffixes LoRA targets by default (language model only).
     default_lora_targets: tuple[str, ...] = ()
     #: How the family's own image loss scores images: ``next_token`` (position t - 1
-    #: predicts image token t) or ``masked`` (masked tokens predicted at their positions).
+    #: predicts image token t), ``masked`` (masked tokens predicted at their positions) or
+    #: ``flow`` (continuous latents: a flow-matching mean squared error at the latent
+    #: positions, :mod:`unifyreg.adapters.continuous`; ``masked_positions`` restrict it to
+    #: the masked latents, whose inputs an embedding hook replaces).
     image_objective: str = "next_token"
     #: Whether ``forward`` honours ``masked_positions`` (masked prediction, omni attention):
     #: what the bidirectional ``L_ctx`` needs.
@@ -435,6 +615,25 @@ class Adapter(abc.ABC):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def mask_width(self) -> int:
+        """Width of the inputs an embedding hook sees (the mask embedding of ``L_ctx``): the
+        hidden size, unless the family generates images in another sequence (a two-stage
+        model: its denoiser's width)."""
+        return self.hidden_size
+
+    def generation_roles(self, batch: dict[str, Tensor]) -> Tensor:
+        """``[B, S_g]`` roles of the sequence in which the family generates images: the one
+        ``masked_positions`` indexes and ``embedding_hook`` acts on. Default: the batch's own
+        ``roles`` (one-sequence families); a two-stage model returns its denoiser's."""
+        return batch["roles"]
+
+    def select_rows(self, batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+        """The sub-batch of ``rows`` (:func:`select_rows`); a family whose batches hold
+        tensors of another sequence than ``roles`` (whose lengths must not be trimmed by
+        it) overrides this."""
+        return select_rows(batch, rows)
+
     def resolve_layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
         """Validate layer indices in ``[0, L]`` (negative ones count from L); None = all."""
         total = self.num_layers + 1
@@ -462,6 +661,28 @@ class Adapter(abc.ABC):
         chosen = self.resolve_layers(layers)
         with capture_hidden_states(self.base_model, self.layer_stack, chosen, final_norm) as c:
             yield c
+
+
+def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The sub-batch of ``rows`` (sorted indices, at least one) of a right-padded batch:
+    every tensor whose first dim is the batch's size is indexed, and every further dim as
+    long as the sequence is trimmed to the longest kept row (columns past it are padding for
+    all of them; ``[B, S]`` fields and the ``[B, 1, S, S]`` ``attention_mask_4d`` alike).
+    All rows: the batch itself."""
+    roles = batch["roles"]
+    size, length = roles.shape
+    if rows.numel() == size:
+        return batch
+    width = int((roles[rows] != 0).sum(dim=1).max())  # Role.PAD == 0
+    out = {}
+    for name, value in batch.items():
+        if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == size:
+            value = value[rows]
+            for dim in range(1, value.ndim):
+                if value.shape[dim] == length:
+                    value = value.narrow(dim, 0, width)
+        out[name] = value
+    return out
 
 
 def cache_argument(model: nn.Module, cache: Any) -> dict[str, Any]:

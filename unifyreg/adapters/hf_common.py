@@ -73,6 +73,7 @@ __all__ = [
     "PromptTemplate",
     "TokenRow",
     "TransformersAdapter",
+    "append_text_spans",
     "byte_level_tokenizer",
     "pixels_to_pil",
     "resolve_dtype",
@@ -195,6 +196,30 @@ def byte_level_tokenizer(
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([*first_tokens, *special_tokens])
     return PreTrainedTokenizerFast(tokenizer_object=backend, **named_tokens)
+
+
+def append_text_spans(
+    tokenizer: Any, row: TokenRow, spans: Sequence[tuple[str, Role, int]]
+) -> None:
+    """Tokenise ``spans`` (text, role, target) as one string and append the tokens to
+    ``row``; a token takes the span its last character lies in, so merges across span
+    borders keep the real format (slow tokenizers without offsets: one call per span)."""
+    spans = [span for span in spans if span[0]]
+    if not spans:
+        return
+    text = "".join(span[0] for span in spans)
+    ends = list(np.cumsum([len(span[0]) for span in spans]))
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow tokenizers have no offsets: one call per span
+        for piece, role, target in spans:
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            row.append(ids, role, target)
+        return
+    for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        char = min(max(end - 1, start, 0), len(text) - 1)
+        _, role, target = spans[bisect.bisect_right(ends, char)]
+        row.append([token_id], role, target)
 
 
 def pixels_to_pil(pixels: Tensor, image_processor: Any) -> Image.Image:
@@ -411,26 +436,8 @@ class TransformersAdapter(Adapter):
         return {}
 
     def _append_text(self, row: TokenRow, spans: Sequence[tuple[str, Role, int]]) -> None:
-        """Tokenise ``spans`` (text, role, target) as one string; a token takes the span
-        its last character lies in, so merges across span borders keep the real format."""
-        spans = [span for span in spans if span[0]]
-        if not spans:
-            return
-        text = "".join(span[0] for span in spans)
-        ends = list(np.cumsum([len(span[0]) for span in spans]))
-        try:
-            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except NotImplementedError:  # slow tokenizers have no offsets: one call per span
-            for piece, role, target in spans:
-                ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-                row.append(ids, role, target)
-            return
-        for token_id, (start, end) in zip(
-            encoded["input_ids"], encoded["offset_mapping"], strict=True
-        ):
-            char = min(max(end - 1, start, 0), len(text) - 1)
-            _, role, target = spans[bisect.bisect_right(ends, char)]
-            row.append([token_id], role, target)
+        """:func:`append_text_spans` with this adapter's tokenizer."""
+        append_text_spans(self.tokenizer, row, spans)
 
     def _append_image_prompt(self, row: TokenRow, image: Image.Image) -> None:
         """Append an image prompt's positions (content positions IMAGE_PROMPT)."""

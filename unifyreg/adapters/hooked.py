@@ -24,9 +24,14 @@ unifyreg then captures the hidden states with the seam's forward hooks on ``laye
 returns an image loss over the image positions it scores; ``L_div`` always) and the
 callbacks run unchanged. LoRA targets are given by name (``lora_targets``: module-name
 suffixes, as peft's ``target_modules``). The rest is optional: ``training_batch`` (the
-model's own objective on a training batch, e.g. drawing ``masked_positions``),
+model's own objective on a training batch, e.g. drawing ``masked_positions``, or a flow
+model's ``timesteps`` and ``noise_seeds``: :mod:`unifyreg.adapters.continuous`),
 ``generate_text`` / ``generate_images`` (``fn(adapter, examples) -> list``, for
-``probe.responses=generated``), ``hidden_size`` (default: the embedding module's width).
+``probe.responses=generated``), ``hidden_size`` (default: the embedding module's width),
+``image_objective`` (``next_token``, ``masked``, or ``flow`` for a continuous model whose
+``step`` returns a flow-matching MSE: the image loss is then of kind ``mse`` and the probe
+passes ``timesteps = probe.timestep`` in every batch; ``collate`` should seed each
+example's noise, :func:`unifyreg.adapters.continuous.example_seed`).
 
 There is no YAML route: ``model.adapter=hooked`` in a config stops with a message pointing
 here. Fine-tune and probe from Python with :class:`unifyreg.module.UMMModule`,
@@ -108,9 +113,9 @@ class HookedAdapter(Adapter):
         image_objective: str = "next_token",
         supports_masked_prediction: bool = False,
     ) -> None:
-        if image_objective not in ("next_token", "masked"):
+        if image_objective not in ("next_token", "masked", "flow"):
             raise ValueError(
-                f"image_objective must be 'next_token' or 'masked', got {image_objective!r}"
+                f"image_objective must be 'next_token', 'masked' or 'flow', got {image_objective!r}"
             )
         self.image_objective = image_objective
         self.supports_masked_prediction = bool(supports_masked_prediction)
@@ -267,6 +272,7 @@ class HookedAdapter(Adapter):
             image_loss=image_loss,
             image_tokens=torch.as_tensor(result.image_tokens, device=device),
             logits=result.logits if keep_logits else None,
+            image_loss_kind="mse" if self.image_objective == "flow" else "ce",
         )
 
     def input_embeddings(self, batch: dict[str, Tensor]) -> Tensor:

@@ -141,6 +141,10 @@ def run_arm(
             if q in final["summary"]["stats"]
         },
         "layers": final["summary"]["layers"],
+        # Each quantity's own layers (a two-stage model's response/image: the denoiser's).
+        "quantity_layers": {
+            q: axis["layers"] for q, axis in final["summary"].get("axes", {}).items()
+        },
         "history": [
             {
                 "epoch": e["epoch"],
@@ -180,7 +184,9 @@ METRICS = (
 
 def aggregate(records: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
     """Per-arm statistics and paired differences to ``baseline`` by (base, seed) (module
-    docstring): ``{arm: {"runs", "metrics", "vs_baseline", "trajectories", "layers"}}``."""
+    docstring): ``{arm: {"runs", "metrics", "vs_baseline", "trajectories", "layers",
+    "quantity_layers"}}`` (``quantity_layers``: each quantity's own layers, when it lies on
+    another stack than the primary one)."""
 
     def key(record):
         return (record.get("base", ""), record["seed"])
@@ -221,6 +227,7 @@ def aggregate(records: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
                 trajectories[q] = np.mean(np.asarray(curves), axis=0).tolist()
         entry["trajectories"] = trajectories
         entry["layers"] = runs[0]["layers"] if runs else []
+        entry["quantity_layers"] = runs[0].get("quantity_layers", {}) if runs else {}
         by_arm[arm] = entry
     return by_arm
 

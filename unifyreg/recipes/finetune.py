@@ -194,12 +194,15 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
             apply_lora(adapter, cfg.lora)
         except ValueError as error:
             raise ConfigError(f"lora.target_modules: {error}") from None
-    loader = example_loader(adapter, train_examples, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = example_loader(
+        adapter, train_examples, cfg.batch_size, shuffle=True, seed=cfg.seed,
+        world_size=max(1, cfg.devices),
+    )  # fmt: skip
     steps_per_epoch = max(1, len(loader))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.max_epochs * steps_per_epoch
     loss_terms = []
     if cfg.loss.active:
-        loss_terms.append(ContextualPredictionLoss(cfg.loss, adapter.hidden_size, seed=cfg.seed))
+        loss_terms.append(ContextualPredictionLoss(cfg.loss, adapter.mask_width, seed=cfg.seed))
     module = UMMModule(
         adapter,
         cfg.optim,
@@ -207,6 +210,8 @@ def build_trainer_parts(cfg: FinetuneConfig) -> TrainerParts:
         loss_terms=loss_terms,
         hidden_states_for_terms=cfg.loss.w_div > 0,
         skipped_train_examples=skipped_train if from_manifest["data"] else None,
+        text_weight=cfg.loss.text_weight,
+        image_weight=cfg.loss.image_weight,
     )
     probe = EntropyProbe(
         probe_examples,
@@ -290,9 +295,14 @@ def _check_ctx_mode(adapter, cfg: FinetuneConfig) -> None:
             f"adapter {cfg.model.adapter!r} does not take it: use loss.ctx_mode=causal"
         )
     if cfg.loss.ctx_mode == "causal" and adapter.image_objective != "next_token":
+        what = (
+            "continuous latents, flow matching"
+            if adapter.image_objective == "flow"
+            else "bidirectional image attention"
+        )
         raise ConfigError(
             "loss.ctx_mode=causal scores next-token image targets, which this model's "
-            f"{adapter.image_objective} image objective (bidirectional image attention) does "
+            f"{adapter.image_objective} image objective ({what}) does "
             "not have: use loss.ctx_mode=bidirectional"
         )
 
