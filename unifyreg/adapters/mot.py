@@ -1287,6 +1287,7 @@ class MoTAdapter(Adapter):
         saved.pop("adapter", None)
         frozen = bool(saved.pop("frozen_biases", False))
         saved.update(settings)
+        weights_file = weights_file or saved.pop("weights_file", None)
         torch_dtype = resolve_dtype(dtype)
         if (root / "transformer").is_dir():
             model, tokenizer_dir, layout = _build_native(root, frozen), root / "tokenizer", "native"
