@@ -99,7 +99,7 @@ from unifyreg.adapters.continuous import (
     FlowSchedule,
     example_seed,
     flow_mse,
-    sample_noise_levels,
+    flow_training_batch,
     seeded_noise,
     shift_noise_levels,
 )
@@ -499,7 +499,7 @@ def _build_bagel(root: Path, weights_file: str | None) -> tuple[MoTModel, dict[s
     """A :class:`MoTModel` of a BAGEL folder (``llm_config.json``, ``vit_config.json``, the
     checkpoint, ``vae/``), its weights loaded by :func:`load_bagel_state`; and the layout's
     facts (``weights_file``)."""
-    from diffusers import AutoencoderKL, Cosmos3OmniTransformer
+    from diffusers import Cosmos3OmniTransformer
     from safetensors.torch import load_file
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -513,7 +513,7 @@ def _build_bagel(root: Path, weights_file: str | None) -> tuple[MoTModel, dict[s
             "ae.safetensors is FLUX's VAE, whose diffusers folder is FLUX.1's vae/ (README, "
             "'Mixture-of-transformers models')"
         )
-    vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
+    vae = _vae_class(root / "vae").from_pretrained(root / "vae", local_files_only=True)
     for needed in ("vae2llm.weight", "latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"):
         if needed not in state:
             raise ValueError(f"the BAGEL checkpoint {path.name} has no {needed!r}")
@@ -652,7 +652,6 @@ class MoTAdapter(Adapter):
         if unknown:
             raise ValueError(f"the tokenizer lacks the tokens {unknown}")
         self.token_ids = ids
-        self.max_positions = 1 << 20
         self.layer_stack = LayerStack(
             "transformer.layers", "", self._sequence_output, self._sequence_input
         )
@@ -876,11 +875,7 @@ class MoTAdapter(Adapter):
     def training_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The flow objective's draws: a noise level per row from ``schedule``
         (``timesteps``) and fresh ``noise_seeds``, from the global torch generator."""
-        size = batch["roles"].shape[0]
-        batch = dict(batch)
-        batch["timesteps"] = sample_noise_levels(size, self.schedule)
-        batch["noise_seeds"] = torch.randint(0, 2**62, (size,), dtype=torch.long)
-        return batch
+        return flow_training_batch(batch, self.schedule)
 
     # ------------------------------------------------------------------ forward
 
@@ -1312,16 +1307,29 @@ class MoTAdapter(Adapter):
         return cls(model, tokenizer, layout=layout, **facts, **saved)
 
 
+def _vae_class(folder: Path) -> type[nn.Module]:
+    """The diffusers VAE class a ``vae/`` folder's ``config.json`` names (``AutoencoderKL``
+    when it names none)."""
+    import diffusers
+
+    config = folder / "config.json"
+    name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    cls = getattr(diffusers, name or "AutoencoderKL", None)
+    if cls is None:
+        raise ValueError(f"{folder}: diffusers has no VAE class {name!r}")
+    return cls
+
+
 def _build_native(root: Path, frozen_biases: bool) -> MoTModel:
     """A :class:`MoTModel` of a native folder (:meth:`MoTAdapter.save`'s layout)."""
-    from diffusers import AutoencoderKL, Cosmos3OmniTransformer
+    from diffusers import Cosmos3OmniTransformer
     from safetensors import safe_open
     from transformers import SiglipVisionModel
 
     transformer = Cosmos3OmniTransformer.from_pretrained(
         root, subfolder="transformer", local_files_only=True
     )
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
+    vae = _vae_class(root / "vae").from_pretrained(root, subfolder="vae", local_files_only=True)
     vit = connector = vit_table = latent_table = None
     extras: dict[str, Tensor] = {}
     act = "gelu_pytorch_tanh"
