@@ -206,6 +206,28 @@ def test_recas_weights_file_takes_emas_place(tmp_path):
     )
 
 
+def test_bagels_ae_safetensors_is_converted_by_diffusers(bagel_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_bagel(tmp_path / "BAGEL", vae_layout="ae")  # no vae/: ae.safetensors
+    assert not (folder / "vae").exists()
+    ae = load_file(folder / "ae.safetensors")
+    assert "decoder.up.0.block.0.nin_shortcut.weight" not in ae  # tiny: equal widths
+    assert (
+        ae["encoder.mid.attn_1.q.weight"].dim() == 4 and "encoder.down.0.block.0.conv2.bias" in ae
+    )
+    converted = MoTAdapter.load(folder).parts.vae.state_dict()
+    reference = MoTAdapter.load(bagel_folder).parts.vae.state_dict()  # the same VAE as vae/
+    assert converted.keys() == reference.keys()
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
+    del ae["decoder.up.3.block.1.conv1.weight"]
+    save_file(ae, str(folder / "ae.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"missing \['decoder.up_blocks.0.resnets.1.conv1.weight'\]"
+    ):
+        MoTAdapter.load(folder)
+
+
 # ---------------------------------------------------------------------- format and mask
 
 

@@ -115,6 +115,7 @@ from unifyreg.roles import Role
 
 __all__ = [
     "BAGEL_FLOW",
+    "FLUX_VAE_CONFIG",
     "MOT_TOKENS",
     "SETTINGS_FILE",
     "MLPConnector",
@@ -127,6 +128,7 @@ __all__ = [
     "mot_attention_mask",
     "patchify",
     "save_tiny_bagel",
+    "ldm_vae_state",
     "save_tiny_mot",
     "tiny_bagel_state",
     "sincos_table",
@@ -495,10 +497,57 @@ def _safetensors_file(root: Path, name: str | None) -> Path:
     return candidates[0]
 
 
-def _build_bagel(root: Path, weights_file: str | None) -> tuple[MoTModel, dict[str, Any]]:
+#: FLUX.1's VAE (BAGEL's ``ae.safetensors``) as a diffusers ``AutoencoderKL`` config.
+FLUX_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
+def _bagel_vae(root: Path, vae_config: dict[str, Any] | None) -> nn.Module:
+    """The VAE of a BAGEL folder: a diffusers ``vae/`` folder when there is one, else BAGEL's
+    ``ae.safetensors`` (FLUX's VAE in its original layout) converted by diffusers' own
+    ``convert_ldm_vae_checkpoint`` into an ``AutoencoderKL`` of :data:`FLUX_VAE_CONFIG`
+    (``vae_config`` overrides it), strictly: keys that do not fit are a ValueError."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    if (root / "vae").is_dir():
+        return _vae_class(root / "vae").from_pretrained(root / "vae", local_files_only=True)
+    ae = root / "ae.safetensors"
+    if not ae.is_file():
+        raise FileNotFoundError(
+            f"{str(root)!r} has neither vae/ (a diffusers AutoencoderKL folder) nor BAGEL's "
+            "ae.safetensors"
+        )
+    vae = AutoencoderKL(**{**FLUX_VAE_CONFIG, **(vae_config or {})})
+    converted = convert_ldm_vae_checkpoint(load_file(ae), vae.config)
+    missing, unexpected = vae.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{ae.name} does not fit the VAE config: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    return vae.eval()
+
+
+def _build_bagel(
+    root: Path, weights_file: str | None, vae_config: dict[str, Any] | None = None
+) -> tuple[MoTModel, dict[str, Any]]:
     """A :class:`MoTModel` of a BAGEL folder (``llm_config.json``, ``vit_config.json``, the
-    checkpoint, ``vae/``), its weights loaded by :func:`load_bagel_state`; and the layout's
-    facts (``weights_file``)."""
+    checkpoint, ``vae/`` or ``ae.safetensors``: :func:`_bagel_vae`), its weights loaded by
+    :func:`load_bagel_state`; and the layout's facts (``weights_file``)."""
     from diffusers import Cosmos3OmniTransformer
     from safetensors.torch import load_file
     from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -507,13 +556,7 @@ def _build_bagel(root: Path, weights_file: str | None) -> tuple[MoTModel, dict[s
     vit_config = json.loads((root / "vit_config.json").read_text())
     path = _safetensors_file(root, weights_file)
     state = load_file(path)
-    if not (root / "vae").is_dir():
-        raise FileNotFoundError(
-            f"{str(root)!r} has no vae/ (a diffusers AutoencoderKL folder): BAGEL's "
-            "ae.safetensors is FLUX's VAE, whose diffusers folder is FLUX.1's vae/ (README, "
-            "'Mixture-of-transformers models')"
-        )
-    vae = _vae_class(root / "vae").from_pretrained(root / "vae", local_files_only=True)
+    vae = _bagel_vae(root, vae_config)
     for needed in ("vae2llm.weight", "latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"):
         if needed not in state:
             raise ValueError(f"the BAGEL checkpoint {path.name} has no {needed!r}")
@@ -1283,12 +1326,14 @@ class MoTAdapter(Adapter):
         frozen = bool(saved.pop("frozen_biases", False))
         saved.update(settings)
         weights_file = weights_file or saved.pop("weights_file", None)
+        vae_config = saved.pop("vae_config", None)
         torch_dtype = resolve_dtype(dtype)
         if (root / "transformer").is_dir():
             model, tokenizer_dir, layout = _build_native(root, frozen), root / "tokenizer", "native"
             facts: dict[str, Any] = {}
         elif (root / "llm_config.json").is_file() and (root / "vit_config.json").is_file():
-            (model, facts), tokenizer_dir, layout = _build_bagel(root, weights_file), root, "bagel"
+            model, facts = _build_bagel(root, weights_file, vae_config)
+            tokenizer_dir, layout = root, "bagel"
         else:
             raise FileNotFoundError(
                 f"{str(root)!r} is neither a mot folder (transformer/) nor a BAGEL folder "
@@ -1390,6 +1435,8 @@ def _tiny_vae() -> nn.Module:
         norm_num_groups=4,
         scaling_factor=0.3611,
         shift_factor=0.1159,
+        use_quant_conv=False,  # as FLUX's
+        use_post_quant_conv=False,
     ).eval()
 
 
@@ -1533,11 +1580,14 @@ def save_tiny_bagel(
     vit_layers: int = 2,
     weights_file: str = "ema.safetensors",
     state: dict[str, Tensor] | None = None,
+    vae_layout: str = "diffusers",
 ) -> Path:
     """Write a tiny folder in BAGEL's released layout: ``llm_config.json`` (a Qwen2 MoT
     config), ``vit_config.json`` (SigLIP, ``vit_layers`` layers, one more than the
     checkpoint holds), ``weights_file`` (:func:`tiny_bagel_state`, or ``state``), the
-    tokenizer files and ``vae/`` (a diffusers ``AutoencoderKL``); returns it."""
+    tokenizer files and the VAE: ``vae/`` (a diffusers ``AutoencoderKL``), or with
+    ``vae_layout="ae"`` the same VAE as ``ae.safetensors`` in the original (LDM / FLUX)
+    layout (:func:`ldm_vae_state`, its config in :data:`SETTINGS_FILE`); returns it."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -1568,6 +1618,50 @@ def save_tiny_bagel(
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / weights_file))
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
-    _tiny_vae().save_pretrained(directory / "vae")
-    (directory / SETTINGS_FILE).write_text(json.dumps({"adapter": "mot", **TINY_SETTINGS}))
+    vae = _tiny_vae()
+    settings: dict[str, Any] = {"adapter": "mot", **TINY_SETTINGS}
+    if vae_layout == "ae":
+        ldm = ldm_vae_state(vae.state_dict(), len(vae.config.up_block_types))
+        save_file({k: v.contiguous() for k, v in ldm.items()}, str(directory / "ae.safetensors"))
+        settings["vae_config"] = {k: vae.config[k] for k in TINY_VAE_KEYS}
+    elif vae_layout == "diffusers":
+        vae.save_pretrained(directory / "vae")
+    else:
+        raise ValueError(f"vae_layout must be diffusers or ae, got {vae_layout!r}")
+    (directory / SETTINGS_FILE).write_text(json.dumps(settings))
     return directory
+
+
+#: The tiny VAE's config keys that differ from :data:`FLUX_VAE_CONFIG`.
+TINY_VAE_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+
+
+def ldm_vae_state(state: dict[str, Tensor], up_blocks: int) -> dict[str, Tensor]:
+    """A diffusers ``AutoencoderKL`` state dict renamed to the original LDM layout (FLUX's
+    ``ae.safetensors``; for the tiny checkpoints): ``down_blocks.{i}.resnets.{j}`` ->
+    ``down.{i}.block.{j}``, ``downsamplers.0`` -> ``downsample``, ``up_blocks.{i}`` ->
+    ``up.{n - 1 - i}`` (LDM counts decoder blocks from the lowest resolution),
+    ``mid_block.resnets.{0,1}`` -> ``mid.block_{1,2}``, the mid attention's ``group_norm``,
+    ``to_q/k/v``, ``to_out.0`` -> ``norm``, ``q/k/v``, ``proj_out`` as 1 x 1 convolutions,
+    ``conv_shortcut`` -> ``nin_shortcut``, ``conv_norm_out`` -> ``norm_out``."""
+    attention = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                 ("to_out.0", "proj_out"))  # fmt: skip
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", new)
+        new = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", new)
+        match = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", new)
+        if match:
+            index, part, rest = match.groups()
+            part = "block" if part == "resnets" else "upsample"
+            new = f"decoder.up.{up_blocks - 1 - int(index)}.{part}.{rest}"
+        new = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", new)
+        if "mid_block.attentions.0." in new:
+            new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for a, b in attention:
+                new = new.replace(f"attn_1.{a}.", f"attn_1.{b}.")
+            if value.dim() == 2:
+                value = value[:, :, None, None]
+        out[new] = value
+    return out
