@@ -106,7 +106,7 @@ def test_the_native_folder_is_diffusers_own_and_round_trips(adapter, folder, tmp
         assert torch.equal(a, b)
 
 
-def test_every_bagel_key_lands_where_it_belongs(bagel_folder):
+def test_every_bagel_key_lands_where_it_belongs(bagel_folder, tmp_path):
     state = tiny_bagel_state()
     adapter = MoTAdapter.load(bagel_folder)
     assert adapter.layout == "bagel" and adapter.weights_file == "ema.safetensors"
@@ -168,6 +168,18 @@ def test_every_bagel_key_lands_where_it_belongs(bagel_folder):
         table = state["latent_pos_embed.pos_embed"][[0, 1, 8, 9]]
         expected = transformer.proj_in(patchify(noisy, 2))[0] + time + table
     assert torch.allclose(layer0, expected, atol=1e-6)
+    # Saved natively (diffusers' transformer folder, SigLIP's, the tables): the same model,
+    # the zero biases still frozen.
+    adapter.save(tmp_path / "native")
+    again = MoTAdapter.load(tmp_path / "native")
+    assert again.layout == "native" and again.parts.latent_pos_embed is not None
+    assert not again.transformer.layers[0].self_attn.to_out.bias.requires_grad
+    batch = adapter.encode(_examples())
+    with torch.no_grad():
+        assert torch.equal(
+            adapter.forward(batch, keep_logits=True).logits,
+            again.forward(batch, keep_logits=True).logits,
+        )
 
 
 def test_missing_unexpected_and_misshapen_keys_are_errors_naming_them(tmp_path):
@@ -500,6 +512,10 @@ def test_generation(adapter):
     again = adapter.generate_images(examples[:1])
     assert images[0].size == (32, 32) and images[0].mode == "RGB"
     assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
+    edited = adapter.generate_images(examples[3:])  # an image prompt: the ViT reads it
+    assert edited[0].size == (32, 32)
+    result = run_probe(adapter, examples, ProbeConfig(responses="generated", batch_size=4))
+    assert len(result.records["response/image"]) == 2 and len(result.records["response/text"]) == 2
 
 
 # ---------------------------------------------------------------------- the CLI
