@@ -14,7 +14,7 @@ between latents and the model width, ``time_embedder``), with transformers'
 Native: a folder of these parts (:func:`save_tiny_mot` writes one; ``transformer/`` by
 diffusers' ``save_pretrained``). **BAGEL** and **BAGEL-RecA** load from their released
 layout (``llm_config.json``, ``vit_config.json``, ``ema.safetensors`` or RecA's file, the
-tokenizer, and the FLUX VAE as ``vae/``) through :func:`bagel_key_map`
+tokenizer, FLUX's VAE as ``ae.safetensors`` or ``vae/``) through :func:`bagel_key_map`
 (:func:`load_bagel_state`; README, "Mixture-of-transformers models").
 
 **Sequences** (BAGEL's packing, one example per row, right-padded). A row is a list of
@@ -408,16 +408,19 @@ def bagel_key_map(key: str) -> str | None:
     return None
 
 
-def load_bagel_state(model: MoTModel, state: dict[str, Tensor]) -> None:
+def load_bagel_state(
+    model: MoTModel, state: dict[str, Tensor], tie_embeddings: bool = False
+) -> None:
     """Load a BAGEL checkpoint's tensors (``ema.safetensors`` keys) into ``model`` through
     :func:`bagel_key_map`, strictly: a key with no place, a shape that differs, or a model
     tensor no key fills is a ValueError naming them. The patch embedding is reshaped from
     BAGEL's linear layout ``[D, p p 3]`` to SigLIP's convolution ``[D, 3, p, p]``; the output
     projections' biases (``to_out``, ``to_add_out``), which BAGEL does not have, are set to
     zero (and frozen by ``MoTModel(frozen_biases=True)``); an absent ``lm_head`` is the
-    embedding when the model ties them. The VAE is not in the checkpoint."""
+    embedding with ``tie_embeddings`` (``llm_config.json``'s ``tie_word_embeddings``). The
+    VAE is not in the checkpoint."""
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("vae.")}
-    unexpected, wrong, loaded = [], [], {}
+    unexpected, wrong, loaded, misshapen = [], [], {}, set()
     for key, value in state.items():
         target = bagel_key_map(key)
         if target is None or target not in own:
@@ -428,24 +431,23 @@ def load_bagel_state(model: MoTModel, state: dict[str, Tensor]) -> None:
             value = value.reshape(out, p, p, -1).permute(0, 3, 1, 2)
         if tuple(value.shape) != tuple(own[target].shape):
             wrong.append(f"{key}: {tuple(value.shape)} (expected {tuple(own[target].shape)})")
+            misshapen.add(target)
             continue
         loaded[target] = value
     zeros = [k for k in own if k.endswith(("self_attn.to_out.bias", "self_attn.to_add_out.bias"))]
     for key in zeros:
         loaded.setdefault(key, torch.zeros_like(own[key]))
     tied = "transformer.lm_head.weight"
-    if tied not in loaded and "transformer.embed_tokens.weight" in loaded:
-        if getattr(model.transformer, "_tie_lm_head", False):
-            loaded[tied] = loaded["transformer.embed_tokens.weight"]
-    inverse = {bagel_key_map(k): k for k in state}
-    missing = sorted(k for k in own if k not in loaded)
+    if tie_embeddings and tied not in loaded and "transformer.embed_tokens.weight" in loaded:
+        loaded[tied] = loaded["transformer.embed_tokens.weight"]
+    missing = sorted(k for k in own if k not in loaded and k not in misshapen)
     problems = []
     if unexpected:
         problems.append(f"unexpected key(s) {sorted(unexpected)}")
     if wrong:
         problems.append(f"shape mismatch: {wrong}")
     if missing:
-        names = [_bagel_name_of(k, inverse) for k in missing]
+        names = [_bagel_name_of(k) for k in missing]
         problems.append(f"missing key(s) {names}")
     if problems:
         raise ValueError("the BAGEL checkpoint does not fit the model: " + "; ".join(problems))
@@ -453,10 +455,8 @@ def load_bagel_state(model: MoTModel, state: dict[str, Tensor]) -> None:
                                          if k.startswith("vae.")}}, strict=True)  # fmt: skip
 
 
-def _bagel_name_of(target: str, inverse: dict[str | None, str]) -> str:
+def _bagel_name_of(target: str) -> str:
     """The BAGEL key that should have filled ``target`` (for error messages)."""
-    if target in inverse:
-        return inverse[target]
     for key, value in _BAGEL_TOP.items():
         if value == target:
             return key
@@ -585,7 +585,6 @@ def _build_bagel(
         qk_norm_for_text=bool(llm.get("qk_norm", True)),
         rope_axes_dim=_rope_axes(head_dim),
     )
-    transformer._tie_lm_head = bool(llm.get("tie_word_embeddings", False))
     fields = {k: v for k, v in vit_config.items() if not k.startswith(("_", "architectures"))}
     fields.pop("model_type", None)
     fields["num_hidden_layers"] = int(fields["num_hidden_layers"]) - 1  # BAGEL drops the last
@@ -602,7 +601,7 @@ def _build_bagel(
         PositionTable(latent_side, hidden),
         frozen_biases=True,
     )
-    load_bagel_state(model, state)
+    load_bagel_state(model, state, bool(llm.get("tie_word_embeddings", False)))
     return model, {"weights_file": path.name}
 
 
