@@ -408,17 +408,15 @@ def bagel_key_map(key: str) -> str | None:
     return None
 
 
-def load_bagel_state(
-    model: MoTModel, state: dict[str, Tensor], tie_embeddings: bool = False
-) -> None:
+def load_bagel_state(model: MoTModel, state: dict[str, Tensor]) -> None:
     """Load a BAGEL checkpoint's tensors (``ema.safetensors`` keys) into ``model`` through
     :func:`bagel_key_map`, strictly: a key with no place, a shape that differs, or a model
     tensor no key fills is a ValueError naming them. The patch embedding is reshaped from
     BAGEL's linear layout ``[D, p p 3]`` to SigLIP's convolution ``[D, 3, p, p]``; the output
     projections' biases (``to_out``, ``to_add_out``), which BAGEL does not have, are set to
-    zero (and frozen by ``MoTModel(frozen_biases=True)``); an absent ``lm_head`` is the
-    embedding with ``tie_embeddings`` (``llm_config.json``'s ``tie_word_embeddings``). The
-    VAE is not in the checkpoint."""
+    zero (and frozen by ``MoTModel(frozen_biases=True)``). BAGEL unties ``lm_head`` from the
+    embedding whatever ``llm_config.json`` says, so both must be there. The VAE is not in the
+    checkpoint."""
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("vae.")}
     unexpected, wrong, loaded, misshapen = [], [], {}, set()
     for key, value in state.items():
@@ -437,9 +435,6 @@ def load_bagel_state(
     zeros = [k for k in own if k.endswith(("self_attn.to_out.bias", "self_attn.to_add_out.bias"))]
     for key in zeros:
         loaded.setdefault(key, torch.zeros_like(own[key]))
-    tied = "transformer.lm_head.weight"
-    if tie_embeddings and tied not in loaded and "transformer.embed_tokens.weight" in loaded:
-        loaded[tied] = loaded["transformer.embed_tokens.weight"]
     missing = sorted(k for k in own if k not in loaded and k not in misshapen)
     problems = []
     if unexpected:
@@ -582,7 +577,7 @@ def _build_bagel(
         rope_theta=float(llm.get("rope_theta", 1e6)),
         vocab_size=int(llm["vocab_size"]),
         hidden_act=llm.get("hidden_act", "silu"),
-        qk_norm_for_text=bool(llm.get("qk_norm", True)),
+        qk_norm_for_text=True,  # BAGEL sets qk_norm (and unties lm_head) in code
         rope_axes_dim=_rope_axes(head_dim),
     )
     fields = {k: v for k, v in vit_config.items() if not k.startswith(("_", "architectures"))}
@@ -601,7 +596,7 @@ def _build_bagel(
         PositionTable(latent_side, hidden),
         frozen_biases=True,
     )
-    load_bagel_state(model, state, bool(llm.get("tie_word_embeddings", False)))
+    load_bagel_state(model, state)
     return model, {"weights_file": path.name}
 
 
