@@ -104,6 +104,7 @@ from unifyreg.adapters.continuous import (
     shift_noise_levels,
 )
 from unifyreg.adapters.hf_common import (
+    ADAPTER_SETTINGS_FILE,
     TokenRow,
     append_text_spans,
     byte_level_tokenizer,
@@ -136,7 +137,7 @@ __all__ = [
 ]
 
 #: unifyreg's own settings inside the folder.
-SETTINGS_FILE = "unifyreg_adapter.json"
+SETTINGS_FILE = ADAPTER_SETTINGS_FILE
 #: The connector and the position tables of a native folder (safetensors).
 EXTRAS_FILE = "mot_extras.safetensors"
 #: Special tokens of the format (Qwen2 vocabulary; BAGEL's bos / eos / image markers).
