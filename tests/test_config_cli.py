@@ -224,7 +224,9 @@ def test_dry_run_checks_everything_and_trains_nothing(tiny_base_overrides, tmp_p
     assert not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("family", ["toy", "emu3", "janus_pro", "chameleon", "showo", "glm_image"])
+@pytest.mark.parametrize(
+    "family", ["toy", "emu3", "janus_pro", "chameleon", "showo", "glm_image", "mot", "bagel"]
+)
 def test_every_shipped_config_loads(family):
     from pathlib import Path
 

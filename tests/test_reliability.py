@@ -127,8 +127,8 @@ def _assert_files_complete(run_dir):
         ("lora.rank=4", "unknown config key 'lora.rank'; valid keys under lora: enabled, r,"),
         (
             "model.adapter=gpt5",
-            "unknown adapter 'gpt5'; registered: chameleon, emu3, glm_image, hooked, janus, showo, "
-            "toy, two_stage",
+            "unknown adapter 'gpt5'; registered: chameleon, emu3, glm_image, hooked, janus, mot, "
+            "showo, toy, two_stage",
         ),
         ("model.path=/no/such/model", "model.path: directory '/no/such/model' does not exist"),
     ],

@@ -83,6 +83,11 @@ ADAPTERS: dict[str, AdapterSpec] = {
         description="two-stage (Qwen2.5-VL + a diffusers denoiser, VAE, scheduler): "
         "Qwen-Image(-Edit); OmniGen2 with its own transformer class",
     ),
+    "mot": AdapterSpec(
+        "unifyreg.adapters.mot:MoTAdapter",
+        description="mixture-of-transformers (diffusers Cosmos3OmniTransformer + SigLIP + VAE): "
+        "Cosmos3-Omni; BAGEL, BAGEL-RecA by key map",
+    ),
     "hooked": AdapterSpec(
         "unifyreg.adapters.hooked:HookedAdapter",
         description="any user module: layer list + embeddings + a step function (Python only)",

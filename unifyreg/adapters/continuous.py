@@ -44,6 +44,7 @@ __all__ = [
     "FlowSchedule",
     "example_seed",
     "flow_mse",
+    "flow_training_batch",
     "seeded_noise",
     "sample_noise_levels",
     "shift_noise_levels",
@@ -158,6 +159,18 @@ def sample_noise_levels(
         normal = torch.randn(n, generator=generator)
         t = torch.sigmoid(schedule.logit_mean + schedule.logit_std * normal)
     return shift_noise_levels(t, schedule.shift).float()
+
+
+def flow_training_batch(batch: dict[str, Tensor], schedule: FlowSchedule) -> dict[str, Tensor]:
+    """A copy of ``batch`` with the flow objective's draws: ``timesteps`` ``[B]`` from
+    ``schedule`` (:func:`sample_noise_levels`) and fresh ``noise_seeds`` ``[B]`` (int64), both
+    from the global torch generator (which checkpoints save); a continuous family's
+    ``Adapter.training_batch``."""
+    size = batch["roles"].shape[0]
+    batch = dict(batch)
+    batch["timesteps"] = sample_noise_levels(size, schedule)
+    batch["noise_seeds"] = torch.randint(0, 2**62, (size,), dtype=torch.long)
+    return batch
 
 
 def _image_bytes(image: Any) -> bytes:

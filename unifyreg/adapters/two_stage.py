@@ -108,7 +108,7 @@ from unifyreg.adapters.continuous import (
     FlowSchedule,
     example_seed,
     flow_mse,
-    sample_noise_levels,
+    flow_training_batch,
     seeded_noise,
 )
 from unifyreg.adapters.hf_common import (
@@ -808,11 +808,7 @@ class TwoStageAdapter(Adapter):
         """The flow-matching objective's draws: a noise level per row from ``schedule``
         (``timesteps``) and fresh noise seeds (``noise_seeds``), from the global torch
         generator (which checkpoints save)."""
-        size = batch["roles"].shape[0]
-        batch = dict(batch)
-        batch["timesteps"] = sample_noise_levels(size, self.schedule)
-        batch["noise_seeds"] = torch.randint(0, 2**62, (size,), dtype=torch.long)
-        return batch
+        return flow_training_batch(batch, self.schedule)
 
     # ------------------------------------------------------------------ forward
 
