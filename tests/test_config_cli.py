@@ -1,6 +1,7 @@
 """Tests of structured configs, the command line, and the pretrain-toy / eval recipes."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,15 @@ def test_defaults_file_and_overrides_merge_in_order(tmp_path):
 def test_bad_values_raise_one_clear_config_error(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config(PretrainToyConfig, None, [override])
+
+
+@pytest.mark.parametrize("override", ["probe.layers=[0,", "data=@x", "data=*a", "data=!x"])
+def test_an_override_value_that_is_not_yaml_is_a_config_error_with_exit_code_2(override, capsys):
+    with pytest.raises(ConfigError, match=f"override '{re.escape(override)}': the value is not"):
+        load_config(FinetuneConfig, None, [override])
+    assert main(["finetune", "--print-config", override]) == 2
+    err = capsys.readouterr().err
+    assert "config error: override" in err and "Traceback" not in err
 
 
 def test_bad_files_raise_config_errors(tmp_path):

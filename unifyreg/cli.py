@@ -78,6 +78,8 @@ COMMANDS: dict[str, tuple[type, Callable[..., int], str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One sub-command per :data:`COMMANDS` entry, each taking ``--config``/``-c``,
+    ``--print-config``, ``--dry-run`` and ``key=value`` overrides."""
     parser = argparse.ArgumentParser(
         prog="unifyreg",
         description="Entropy probes and a contextual-prediction regularizer for UMMs.",

@@ -912,6 +912,16 @@ def load_config(
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} must look like key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException:
+            pass  # reported below, with the schema's key
+        except Exception as error:  # a value that is not YAML (yaml's errors: several types)
+            problem = " ".join(str(error).split())
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote it as "
+                "key='\"...\"' if it is a string"
+            ) from None
     try:
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))

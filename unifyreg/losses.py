@@ -224,10 +224,12 @@ class ContextualPredictionLoss(nn.Module):
         return self._generator.get_state()
 
     def set_rng_state(self, state: Tensor) -> None:
+        """Restore a state from :meth:`get_rng_state` (on resume)."""
         self._generator.set_state(state)
 
     @property
     def needs_hidden_states(self) -> bool:
+        """Whether the forward pass must keep hidden states: ``L_div`` is on (``w_div > 0``)."""
         return self.config.w_div > 0
 
     def weight(self, base: float, step: int) -> float:
@@ -296,6 +298,9 @@ class ContextualPredictionLoss(nn.Module):
     def forward(
         self, adapter: Adapter, batch: dict, output: ForwardOutput, step: int
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """``(w_ctx(step) * L_ctx + w_div(step) * L_div, logs)``: the weighted terms to add to
+        the task loss of ``output`` (a term that is off, or has nothing to score, adds 0),
+        and ``loss/ctx``, ``loss/ctx_tokens``, ``loss/div``, ``loss/div_parts`` (unweighted)."""
         cfg = self.config
         total = output.task_loss.new_zeros(())
         logs: dict[str, Tensor | float] = {}

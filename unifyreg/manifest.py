@@ -71,12 +71,14 @@ class ManifestExample:
 
     @property
     def task(self) -> str:
+        """``"understanding"``, ``"t2i"`` or ``"text"`` (class docstring)."""
         if self.prompt_image is not None:
             return "understanding"
         return "t2i" if self.response_image is not None else "text"
 
     @property
     def answers_with_image(self) -> bool:
+        """Whether the example has an image response."""
         return self.response_image is not None
 
 

@@ -270,6 +270,7 @@ class EpochRandomSampler(RandomSampler):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration gives."""
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:

@@ -75,12 +75,14 @@ class QuantityRecords:
 
     @classmethod
     def empty(cls, n_layers: int) -> QuantityRecords:
+        """No samples: ``values``/``normalized`` ``[0, n_layers]``."""
         return cls(np.zeros((0, n_layers)), np.zeros((0, n_layers)), [], np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return len(self.categories)
 
     def extend(self, other: QuantityRecords) -> None:
+        """Append ``other``'s samples (same layers) after these, in place."""
         self.values = np.concatenate([self.values, other.values])
         self.normalized = np.concatenate([self.normalized, other.normalized])
         self.categories = [*self.categories, *other.categories]
@@ -314,6 +316,7 @@ class ProbeResult:
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeResult:
+        """Read a file written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def regime(self) -> dict[str, Any]:

@@ -393,6 +393,7 @@ class CapturedStates:
         self._states: dict[int, Tensor] = {}
 
     def put(self, layer: int, value: Tensor) -> None:
+        """Store ``value`` as layer ``layer``'s hidden state (a later put replaces it)."""
         self._states[layer] = value
 
     def states(self) -> tuple[Tensor, ...]:
@@ -613,6 +614,7 @@ class Adapter(abc.ABC):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's first parameter."""
         return next(self.model.parameters()).device
 
     @property

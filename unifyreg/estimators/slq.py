@@ -92,6 +92,7 @@ class SLQSettings:
 
 
 def check_settings(settings: SLQSettings | None) -> SLQSettings:
+    """``settings``, or ``SLQSettings()`` for None; TypeError for anything else."""
     if settings is None:
         return SLQSettings()
     if not isinstance(settings, SLQSettings):
