@@ -194,3 +194,26 @@ def test_the_callback_must_be_attached_and_needs_an_adapter(tiny_splits, tiny_ad
     assert probe.attach(trainer) is probe and probe in trainer.callback_handler.callbacks
     probe.attach(trainer)  # twice: still once among the callbacks
     assert trainer.callback_handler.callbacks.count(probe) == 1
+
+
+def test_the_task_loss_weights_reach_the_trainers_loss(tiny_splits, tiny_adapter, tmp_path):
+    """`text_weight`/`image_weight` give `text_weight * L_text + image_weight * L_image`
+    (as `loss.text_weight`/`loss.image_weight` in `unifyreg finetune`); unset, the family's
+    token-weighted default; a negative weight is refused."""
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    batch = tiny_adapter.encode(tiny_splits["finetune"][:8])
+    out = tiny_adapter.forward(batch)
+    text, image = float(out.text_loss), float(out.image_loss)
+    assert text > 0 and image > 0
+    losses = {}
+    for weights in [(None, None), (2.0, 0.0), (0.0, 3.0), (0.5, None)]:
+        trainer = UnifyregTrainer(
+            args=args, adapter=tiny_adapter, text_weight=weights[0], image_weight=weights[1]
+        )
+        losses[weights] = float(trainer.compute_loss(tiny_adapter.model, batch))
+    assert losses[(None, None)] == pytest.approx(float(out.task_loss), rel=1e-6)
+    assert losses[(2.0, 0.0)] == pytest.approx(2.0 * text, rel=1e-6)
+    assert losses[(0.0, 3.0)] == pytest.approx(3.0 * image, rel=1e-6)
+    assert losses[(0.5, None)] == pytest.approx(0.5 * text + image, rel=1e-6)
+    with pytest.raises(ValueError, match="image_weight must be >= 0"):
+        UnifyregTrainer(args=args, adapter=tiny_adapter, image_weight=-1.0)

@@ -194,11 +194,15 @@ def compute_regularized_loss(
     adapter: Any,
     loss_terms: Sequence[Any] = (),
     return_outputs: bool = False,
+    text_weight: float | None = None,
+    image_weight: float | None = None,
 ) -> Any:
     """``compute_loss`` for a ``Trainer`` subclass: ``L = L_task + sum of terms``.
 
-    ``adapter.forward(inputs)`` gives the task loss (token-weighted text + image
-    cross-entropy, :attr:`unifyreg.adapters.base.ForwardOutput.task_loss`) and, when a
+    ``adapter.forward(inputs)`` gives the task loss,
+    :meth:`unifyreg.adapters.base.ForwardOutput.weighted_task_loss` ``(text_weight,
+    image_weight)`` (``loss.text_weight`` / ``loss.image_weight``; both None: the family's
+    own weighting, token-weighted text + image cross-entropy for the discrete families) and, when a
     term needs them (``L_div``), the hidden states; each term
     ``term(adapter, inputs, output, step) -> (weighted loss, logs)`` adds its part
     (:mod:`unifyreg.losses`). The logs (``loss/task``, ``loss/text``, ``loss/image``,
@@ -209,7 +213,7 @@ def compute_regularized_loss(
     terms = list(loss_terms)
     wants_hidden = any(getattr(t, "needs_hidden_states", False) for t in terms)
     output = adapter.forward(inputs, output_hidden_states=wants_hidden)
-    loss = output.task_loss
+    loss = output.weighted_task_loss(text_weight, image_weight)
     logs: dict[str, Any] = {
         "loss/task": loss.detach(),
         "loss/text": output.text_loss.detach(),
@@ -247,17 +251,31 @@ class UnifyregTrainer(Trainer):
             no weight decay; their gradients zeroed after every optimizer step, as the
             Trainer does the model's), and their state (``state_dict``, random state) saved in
             every checkpoint (:data:`TERMS_FILE`) and restored on resume.
+        text_weight, image_weight: the task loss's weights (``loss.text_weight`` /
+            ``loss.image_weight``; None: the family's own weighting).
         *args, **kwargs: ``transformers.Trainer``'s.
     """
 
     loss_is_scaled_for_ga = False  # per-batch means: the Trainer divides by the GA steps
 
-    def __init__(self, *args: Any, adapter: Any, loss_terms: Sequence[Any] = (), **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        adapter: Any,
+        loss_terms: Sequence[Any] = (),
+        text_weight: float | None = None,
+        image_weight: float | None = None,
+        **kwargs: Any,
+    ):
+        for name, weight in (("text_weight", text_weight), ("image_weight", image_weight)):
+            if weight is not None and not weight >= 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {weight}")
         if not args and "model" not in kwargs:
             kwargs["model"] = adapter.model
         super().__init__(*args, **kwargs)
         self.adapter = adapter
         self.loss_terms = list(loss_terms)
+        self.text_weight, self.image_weight = text_weight, image_weight
         for term in self._term_modules():
             term.to(self.args.device)
         self.add_callback(_LossTermsCallback(self))
@@ -266,7 +284,15 @@ class UnifyregTrainer(Trainer):
         return [t for t in self.loss_terms if isinstance(t, torch.nn.Module)]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return compute_regularized_loss(self, inputs, self.adapter, self.loss_terms, return_outputs)
+        return compute_regularized_loss(
+            self,
+            inputs,
+            self.adapter,
+            self.loss_terms,
+            return_outputs,
+            text_weight=self.text_weight,
+            image_weight=self.image_weight,
+        )
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         super().log(merge_loss_logs(self, logs), *args, **kwargs)
