@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from unifyreg.estimators._checks import as_mask, check_sequences
+from unifyreg.estimators.cpu_linalg import numpy_applies, self_products
 
 __all__ = [
     "BANDWIDTH_RULES",
@@ -155,14 +156,24 @@ def pairwise_sq_distances(Z: Tensor, mask: Tensor | None = None) -> Tensor:
         D = torch.where(raw > threshold, raw, torch.zeros((), dtype=raw.dtype, device=raw.device))
         eye = torch.eye(n, dtype=torch.bool, device=Z.device)
         return D.masked_fill(eye, 0.0)
-    # No graph to keep: one fused baddbmm and in-place updates save passes over n x n.
-    flat = Zc.reshape(-1, n, d)
-    norms = sq_norms.reshape(-1, n)
-    D = torch.baddbmm(
-        norms.unsqueeze(-1) + norms.unsqueeze(-2), flat, flat.transpose(-1, -2), alpha=-2.0
-    )
+    D = _sq_distances_of_centred(Zc.reshape(-1, n, d), sq_norms.reshape(-1, n), threshold)
+    return D.reshape(*Zc.shape[:-2], n, n)
+
+
+def _sq_distances_of_centred(Zc: Tensor, sq_norms: Tensor, threshold: Tensor) -> Tensor:
+    """``|c_i|^2 + |c_j|^2 - 2 c_i.c_j`` ``[B, n, n]`` of centred ``[B, n, d]`` without
+    gradient, round-off values and the diagonal set to 0. On CPU from
+    :data:`~unifyreg.estimators.cpu_linalg.NUMPY_MIN_TOKENS` tokens the products are
+    NumPy's symmetric rank-k update, so ``D`` is exactly symmetric; otherwise one fused
+    ``baddbmm``. In-place updates save passes over ``n x n``."""
+    n = Zc.shape[-2]
+    outer = sq_norms.unsqueeze(-1) + sq_norms.unsqueeze(-2)
+    if numpy_applies(Zc, n):
+        D = self_products(Zc.contiguous()).mul_(-2.0).add_(outer)
+    else:
+        D = torch.baddbmm(outer, Zc, Zc.transpose(-1, -2), alpha=-2.0)
+    del outer
     D.masked_fill_(D <= threshold.reshape(-1, 1, 1), 0.0)
-    D = D.reshape(*Zc.shape[:-2], n, n)
     D.diagonal(dim1=-2, dim2=-1).zero_()
     return D
 
@@ -170,14 +181,15 @@ def pairwise_sq_distances(Z: Tensor, mask: Tensor | None = None) -> Tensor:
 def sq_distances_no_grad(Z: Tensor, mask: Tensor | None) -> Tensor:
     """:func:`pairwise_sq_distances` of ``[B, n, d]`` for use without gradient.
 
-    Below :data:`SYMMETRIC_GRAM_MIN_TOKENS` it is :func:`pairwise_sq_distances` itself.
-    From there the product ``Zc Zc^T`` is formed in 4 x 4 blocks of which only the upper
-    triangle is computed (10 of 16 block products) and mirrored, about 1.4x faster than
-    one ``baddbmm`` on CPU: the same centring and formula, equal to
+    Below :data:`SYMMETRIC_GRAM_MIN_TOKENS`, and on CPU (where NumPy's symmetric rank-k
+    update is faster still, :mod:`.cpu_linalg`), it is :func:`pairwise_sq_distances`
+    itself. Otherwise the product ``Zc Zc^T`` is formed in 4 x 4 blocks of which only the
+    upper triangle is computed (10 of 16 block products) and mirrored, about 1.4x faster
+    than one ``baddbmm``: the same centring and formula, equal to
     :func:`pairwise_sq_distances` to round-off, and exactly symmetric.
     """
     n, d = Z.shape[-2:]
-    if n < SYMMETRIC_GRAM_MIN_TOKENS:
+    if n < SYMMETRIC_GRAM_MIN_TOKENS or numpy_applies(Z, n):
         with torch.no_grad():
             return pairwise_sq_distances(Z, mask)
     Zc = centred_no_grad(Z, mask)
