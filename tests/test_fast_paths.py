@@ -1,22 +1,30 @@
-"""The exact path's CPU kernels (NumPy's BLAS/LAPACK, cache-sized chunks) against the torch
-kernels it replaced: the same values to 1e-10 bits, gradients untouched (issue 20)."""
+"""Issue 20's paths against their references: the exact path's CPU kernels (NumPy's
+BLAS/LAPACK, cache-sized chunks) against the torch kernels they replaced (the same values
+to 1e-10 bits, gradients untouched), and the sampled median bandwidth of SLQ against the
+exact median."""
 
 import pytest
 import torch
 
 from unifyreg.estimators import (
+    SLQ_ERROR_BOUND,
     Segments,
+    SLQSettings,
     TokenBatch,
     blocked,
     conditional_entropy_proxy,
     cpu_linalg,
     gaussian_gram,
     matrix_entropy,
+    median_bandwidth,
     pairwise_sq_distances,
     renyi_entropy,
+    slq,
 )
 from unifyreg.estimators.blocked import torch_kernels_only as torch_kernels
 from unifyreg.estimators.exact import renyi_entropy_exact
+from unifyreg.estimators.kernel import sampled_median_bandwidth
+from unifyreg.estimators.slq import SAMPLED_MEDIAN_MIN_TOKENS
 
 TOLERANCE_BITS = 1e-10
 
@@ -129,3 +137,66 @@ def test_gradients_keep_torch_kernels(alpha):
     K = gaussian_gram(Z.detach(), "median").requires_grad_()
     (grad_K,) = torch.autograd.grad(renyi_entropy(K, alpha=alpha).sum(), K)
     assert torch.isfinite(grad_K).all() and grad_K.abs().max() > 0
+
+
+# ------------------------------------------------------------ sampled median bandwidth
+
+
+def test_sampled_median_is_close_to_the_exact_median():
+    Z = tokens(4, 600, 48, seed=3).double()
+    D = pairwise_sq_distances(Z)
+    exact = median_bandwidth(Z)
+    for pairs, bound in ((1 << 14, 0.01), (1 << 20, 0.002)):
+        sampled = sampled_median_bandwidth(D, None, pairs, generator=1)
+        assert ((sampled - exact) / exact).abs().max() < bound, (pairs, sampled, exact)
+    # More pairs, smaller error (on average over seeds).
+    few = torch.stack([sampled_median_bandwidth(D, None, 256, s) for s in range(8)])
+    many = torch.stack([sampled_median_bandwidth(D, None, 1 << 16, s) for s in range(8)])
+    assert ((many - exact).abs().mean()) < ((few - exact).abs().mean())
+
+
+def test_sampled_median_ignores_padding_and_batch_position():
+    Z = tokens(3, 300, 16, seed=4).double()
+    mask = torch.ones(3, 300, dtype=torch.bool)
+    mask[1, 250:] = False  # trailing padding
+    mask[2, ::3] = False  # scattered padding
+    D = pairwise_sq_distances(Z, mask)
+
+    def alone(tokens_):
+        return sampled_median_bandwidth(pairwise_sq_distances(tokens_[None]), None, 5000, 7)[0]
+
+    both = sampled_median_bandwidth(D, mask, 5000, generator=7)
+    assert torch.allclose(both[1], alone(Z[1, :250]), rtol=1e-12)
+    assert torch.allclose(both[2], alone(Z[2][mask[2]]), rtol=1e-12)
+    assert torch.equal(both[0], sampled_median_bandwidth(D[:1], None, 5000, generator=7)[0])
+    # Deterministic per seed; other seeds give other (close) values.
+    assert torch.equal(both, sampled_median_bandwidth(D, mask, 5000, generator=7))
+    assert not torch.equal(both, sampled_median_bandwidth(D, mask, 5000, generator=8))
+    one = torch.zeros(2, 300, dtype=torch.bool)
+    one[:, 0] = True
+    assert torch.equal(sampled_median_bandwidth(D[:2], one, 64), torch.ones(2, dtype=D.dtype))
+    with pytest.raises(ValueError, match="pairs"):
+        sampled_median_bandwidth(D, None, 0)
+
+
+def test_slq_with_the_sampled_median_meets_its_bound(monkeypatch):
+    """From SAMPLED_MEDIAN_MIN_TOKENS tokens SLQ's median comes from a sample of pairs:
+    still within SLQ_ERROR_BOUND of the exact entropy, and close to SLQ with the exact
+    median (the sample moves H by far less than the bound). The threshold is lowered to
+    1024 tokens here to keep the exact reference fast."""
+    assert SAMPLED_MEDIAN_MIN_TOKENS >= 1024
+    monkeypatch.setattr(slq, "SAMPLED_MEDIAN_MIN_TOKENS", 1024)
+    n = 1100
+    Z = tokens(2, n, 32, seed=5)
+    exact = matrix_entropy(Z, alpha=1.01)
+    sampled = matrix_entropy(Z, alpha=1.01, method="slq")
+    full = matrix_entropy(Z, alpha=1.01, method="slq", settings=SLQSettings(median_pairs=0))
+    relative, absolute = SLQ_ERROR_BOUND
+    assert torch.all((sampled - exact).abs() <= relative * exact + absolute)
+    assert torch.all((sampled - full).abs() <= 0.1 * relative * exact)  # <= 0.1 % of H
+    assert not torch.equal(sampled, full)  # the sample is used
+    proxy = conditional_entropy_proxy(Z[:, :300], Z[:, 300:], alpha=1.01, method="slq")
+    proxy_exact = conditional_entropy_proxy(Z[:, :300], Z[:, 300:], alpha=1.01)
+    assert torch.all((proxy - proxy_exact).abs() <= relative * exact + absolute)
+    with pytest.raises(ValueError, match="median_pairs"):
+        SLQSettings(median_pairs=-1)

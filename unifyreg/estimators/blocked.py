@@ -29,11 +29,13 @@ __all__ = ["CPU_CHUNK_BYTES", "cpu_chunk_bytes", "gram_chunk_size", "torch_kerne
 
 #: On CPU the no-gradient exact path works on chunks of at most this many Gram bytes
 #: even without a memory bound (``max_gram_bytes=None``): a chunk's passes over its
-#: ``n x n`` buffers then stay in the last-level cache (32 MiB here) and the allocator
-#: reuses its blocks instead of faulting in fresh pages for a whole batch. Measured
-#: (BENCHMARKS.md, issue 20): 25 x 600 x 1024 1.2-1.4x and 13 x 1200 x 1024 1.2x faster
-#: than one chunk; the same values (chunking never changes a sequence's result).
-CPU_CHUNK_BYTES = 8 * 2**20
+#: ``n x n`` buffers then stay in the last-level cache and the allocator reuses its
+#: blocks instead of faulting in fresh pages for a whole batch (one sequence per chunk
+#: from n = 724 in float64; all of a small batch at once). Measured (BENCHMARKS.md,
+#: issue 20, 1 thread): 25 x 600 x 1024 1.2-1.4x and 13 x 1200 x 1024 1.2x faster than
+#: one chunk, 8 and 1 MiB alike within noise at n >= 600, 0.1 MiB 20 % slower at
+#: n = 128; chunking never changes a sequence's result.
+CPU_CHUNK_BYTES = 4 * 2**20
 
 
 def cpu_chunk_bytes(max_gram_bytes: int | None, device: torch.device) -> int | None:
@@ -51,7 +53,7 @@ def torch_kernels_only():
     None. For comparisons (``scripts/bench_compare.py``, the tests), or a host whose
     torch LAPACK measures faster than NumPy's. Not thread-safe (module settings)."""
     saved = cpu_linalg.NUMPY_MIN_TOKENS, CPU_CHUNK_BYTES
-    cpu_linalg.NUMPY_MIN_TOKENS = math.inf
+    cpu_linalg.NUMPY_MIN_TOKENS = math.inf  # also turns off the NumPy eigvalsh
     _set_cpu_chunk_bytes(2**62)
     try:
         yield
