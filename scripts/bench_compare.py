@@ -17,10 +17,12 @@ every layer of ``[L, n, d]`` seeded Gaussian tokens, on the foundation grid of
 
 All contestants run in this one process with one thread (torch, OpenMP, MKL, OpenBLAS:
 set before NumPy loads), in interleaved rounds (the order rotates every round), so a
-shared machine's drift hits all of them alike; times are medians over the rounds, and
+shared machine's drift hits all of them alike (small sizes get more rounds, until every
+contestant has run ``--min-seconds``); times are medians over the rounds, and
 ``x`` columns are ratios of medians (``tuned / unifyreg`` > 1: unifyreg is faster).
 
-Usage: ``python scripts/bench_compare.py [--quick] [--rounds N] [--alpha A] [--json FILE]``.
+Usage: ``python scripts/bench_compare.py [--quick] [--rounds N] [--min-seconds S]
+[--only-n 128,600] [--alpha A] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def contestants(Z: torch.Tensor, X: np.ndarray, alpha: float) -> dict:
     return found
 
 
-def run_size(L: int, n: int, d: int, rounds: int, alpha: float) -> dict:
+def run_size(L: int, n: int, d: int, rounds: int, alpha: float, min_seconds: float) -> dict:
     gen = torch.Generator().manual_seed(0)
     Z = torch.randn(L, n, d, generator=gen, dtype=torch.float64)
     X = Z.numpy()  # the same memory: every contestant reads the same float64 input
@@ -107,14 +109,16 @@ def run_size(L: int, n: int, d: int, rounds: int, alpha: float) -> dict:
     names = list(fns)
     times = {name: [] for name in names}
     values = {name: fns[name]() for name in names}  # warm-up, and the values compared
-    for r in range(rounds):
+    r = 0
+    while r < rounds or min(sum(t) for t in times.values()) < min_seconds:
         order = names[r % len(names) :] + names[: r % len(names)]
+        r += 1
         for name in order:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    row = dict(L=L, n=n, d=d, rounds=rounds, seconds=medians)
+    row = dict(L=L, n=n, d=d, rounds=r, seconds=medians)
     ours = medians["unifyreg"]
     row["x_vs"] = {name: medians[name] / ours for name in names if name != "unifyreg"}
     row["max_abs_diff_bits"] = {
@@ -144,6 +148,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two sizes only")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=2.0,
+        help="more rounds until every contestant has run this long (small sizes)",
+    )
+    parser.add_argument("--only-n", help="comma-separated n values of the grid to run")
     parser.add_argument("--alpha", type=float, default=bench_estimators.ALPHA)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -153,14 +164,19 @@ def main(argv=None) -> int:
     print(f"Machine: {bench_estimators.machine_description()}")
     repitl = importlib.util.find_spec("repitl") is not None
     print(
-        f"alpha = {args.alpha}, median bandwidth, float64, bits; medians of {args.rounds} "
-        f"interleaved rounds; repitl {'imported' if repitl else 'not importable (skipped)'}\n"
+        f"alpha = {args.alpha}, median bandwidth, float64, bits; medians of >= {args.rounds} "
+        f"interleaved rounds (>= {args.min_seconds} s each); "
+        f"repitl {'imported' if repitl else 'not importable (skipped)'}\n"
     )
     rows = []
-    for L, n, d in QUICK_GRID if args.quick else FULL_GRID:
-        rows.append(run_size(L, n, d, args.rounds, args.alpha))
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.only_n:
+        wanted = {int(x) for x in args.only_n.split(",")}
+        grid = [size for size in grid if size[1] in wanted]
+    for L, n, d in grid:
+        rows.append(run_size(L, n, d, args.rounds, args.alpha, args.min_seconds))
         print(
-            f"L={L} n={n} d={d}: "
+            f"L={L} n={n} d={d} ({rows[-1]['rounds']} rounds): "
             + ", ".join(f"{k} {v:.2f}x" for k, v in rows[-1]["x_vs"].items()),
             flush=True,
         )
