@@ -344,7 +344,7 @@ def profile_phases(n: int, d: int, layers: int) -> dict:
         A = timed("exact: normalise + symmetrise", lambda: 0.5 * (K + K.mT) / n)
         timed("exact: eigvalsh (float64)", lambda: torch.linalg.eigvalsh(A))
         settings = E.SLQSettings()
-        D = timed("SLQ: distances (float32, blocked)", lambda: sq_distances_no_grad(Z, None))
+        D = timed("SLQ: distances (float32)", lambda: sq_distances_no_grad(Z, None))
         bw = timed("SLQ: median by selection", lambda: median_bandwidth_by_selection(D, None))
         A = timed(
             "SLQ: exp + normalise",
