@@ -24,8 +24,10 @@ timed layers. A second table compares with the per-layer NumPy loops of
 ``scripts/bench_estimators.py`` at one size, and a third measures token subsampling.
 
 Usage: ``python scripts/bench_estimators_approx.py [--quick] [--repeats N] [--threads T]
-[--json FILE]``; ``--profile N D`` prints where the time of each path goes instead, and
-``--sweep N D`` the cost and error of SLQ settings around the defaults.
+[--json FILE]``; ``--profile N D`` prints where the time of each path goes instead,
+``--sweep N D`` the cost and error of SLQ settings around the defaults,
+``--median-sample N D`` the sampled median bandwidth's error and its effect on H, and
+``--ratio N D`` exact against SLQ timed in one process in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -114,6 +116,12 @@ def worker(spec: dict) -> dict:
         return {"rows": subsampling_table(spec["n"], spec["d"], spec["layers"], spec["keeps"])}
     if spec["method"] == "profile":
         return profile_phases(spec["n"], spec["d"], spec["layers"])
+    if spec["method"] == "median_sample":
+        return median_sample_table(
+            spec["n"], spec["d"], spec["layers"], spec["pairs"], spec["seeds"]
+        )
+    if spec["method"] == "ratio":
+        return ratio_table(spec["n"], spec["d"], spec["layers"], spec["repeats"])
     if spec["method"] == "sweep":
         return {"rows": sweep_table(spec["n"], spec["d"], spec["layers"], spec["repeats"])}
     layers = spread_layers(spec["layers"])
@@ -336,7 +344,7 @@ def profile_phases(n: int, d: int, layers: int) -> dict:
         A = timed("exact: normalise + symmetrise", lambda: 0.5 * (K + K.mT) / n)
         timed("exact: eigvalsh (float64)", lambda: torch.linalg.eigvalsh(A))
         settings = E.SLQSettings()
-        D = timed("SLQ: distances (float32, blocked)", lambda: sq_distances_no_grad(Z, None))
+        D = timed("SLQ: distances (float32)", lambda: sq_distances_no_grad(Z, None))
         bw = timed("SLQ: median by selection", lambda: median_bandwidth_by_selection(D, None))
         A = timed(
             "SLQ: exp + normalise",
@@ -377,6 +385,122 @@ def profile_phases(n: int, d: int, layers: int) -> dict:
     print(f"| **exact total** | {exact:.3f} | |")
     print(f"| **SLQ total** | {slq:.3f} | |", flush=True)
     return {"n": n, "d": d, "layers": layers, "phases": phases}
+
+
+def median_sample_table(n: int, d: int, layers: int, pair_counts: list[int], seeds: int) -> dict:
+    """The sampled median bandwidth (``SLQSettings.median_pairs``) against the exact one on
+    ``layers`` synthetic layers: sigma's relative error, and its effect on the exact
+    entropy (``eigvalsh`` with either bandwidth), over ``seeds`` draws per pair count;
+    both medians from the same float32 distances (the SLQ path's)."""
+    from unifyreg.estimators import SLQSettings
+    from unifyreg.estimators.kernel import (
+        median_bandwidth_by_selection,
+        sampled_median_bandwidth,
+        sq_distances_no_grad,
+    )
+
+    Z = hidden_like(n, d, spread_layers(layers))
+    with torch.no_grad():
+        D = sq_distances_no_grad(Z, None)  # float32, as the SLQ path builds it
+        start = time.perf_counter()
+        exact = median_bandwidth_by_selection(D, None).double()
+        select_s = time.perf_counter() - start
+        H_exact = matrix_entropy(Z, alpha=ALPHA, sigma=exact)
+        rows = []
+        for pairs in pair_counts:
+            sigma_err, H_err, seconds = [], [], []
+            for seed in range(seeds):
+                start = time.perf_counter()
+                sigma = sampled_median_bandwidth(D, None, pairs, seed).double()
+                seconds.append(time.perf_counter() - start)
+                sigma_err.append(((sigma - exact) / exact).abs())
+                H = matrix_entropy(Z, alpha=ALPHA, sigma=sigma)
+                H_err.append(((H - H_exact) / H_exact).abs())
+            sigma_err, H_err = torch.stack(sigma_err), torch.stack(H_err)
+            rows.append(
+                dict(
+                    pairs=pairs,
+                    sigma_max_rel=float(sigma_err.max()),
+                    sigma_mean_rel=float(sigma_err.mean()),
+                    H_max_rel=float(H_err.max()),
+                    H_mean_rel=float(H_err.mean()),
+                    seconds_per_layer=float(np.median(seconds)) / layers,
+                )
+            )
+    default = SLQSettings().median_pairs
+    print(
+        f"Sampled vs exact median bandwidth (n = {n}, d = {d}, {layers} layers x {seeds} "
+        f"seeds; float32 distances; exact median by selection: {select_s / layers:.4f} "
+        f"s/layer; default median_pairs = {default})\n"
+    )
+    print(
+        "| pairs | sampling s/layer | sigma max rel. error | sigma mean rel. error "
+        "| H max rel. change | H mean rel. change |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['pairs']} | {r['seconds_per_layer']:.4f} | {100 * r['sigma_max_rel']:.3f} % "
+            f"| {100 * r['sigma_mean_rel']:.3f} % | {100 * r['H_max_rel']:.4f} % "
+            f"| {100 * r['H_mean_rel']:.4f} % |",
+            flush=True,
+        )
+    return {"n": n, "d": d, "layers": layers, "select_s_per_layer": select_s / layers, "rows": rows}
+
+
+def ratio_table(n: int, d: int, layers: int, rounds: int) -> dict:
+    """Exact vs SLQ in this one process, interleaved rounds (medians): the exact path
+    (and as it was before issue 20), SLQ with the sampled median (the default) and with
+    the exact median (``median_pairs=0``); relative errors against the exact values."""
+    from unifyreg.estimators import SLQSettings
+    from unifyreg.estimators.blocked import torch_kernels_only
+
+    Z = hidden_like(n, d, spread_layers(layers))
+    exact_median = SLQSettings(median_pairs=0)
+
+    def before():
+        with torch_kernels_only():
+            return matrix_entropy(Z, alpha=ALPHA)
+
+    fns = {
+        "exact": lambda: matrix_entropy(Z, alpha=ALPHA),
+        "exact (before)": before,
+        "slq": lambda: matrix_entropy(Z, alpha=ALPHA, max_gram_bytes=GiB, method="slq"),
+        "slq, exact median": lambda: matrix_entropy(
+            Z, alpha=ALPHA, max_gram_bytes=GiB, method="slq", settings=exact_median
+        ),
+    }
+    names = list(fns)
+    times = {name: [] for name in names}
+    values = {}
+    with torch.no_grad():
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                start = time.perf_counter()
+                values[name] = fns[name]()
+                times[name].append(time.perf_counter() - start)
+    med = {name: float(np.median(t)) / layers for name, t in times.items()}
+    ref = values["exact"]
+    print(
+        f"Exact vs SLQ, n = {n}, d = {d}, {layers} layers, medians of {rounds} interleaved "
+        "rounds, one process\n"
+    )
+    print("| path | s/layer | exact / path | max rel. error vs exact |")
+    print("|---|---|---|---|")
+    for name in names:
+        err = float(((values[name] - ref) / ref).abs().max())
+        print(
+            f"| {name} | {med[name]:.3f} | {med['exact'] / med[name]:.2f} | {100 * err:.3f} % |",
+            flush=True,
+        )
+    return {
+        "n": n,
+        "d": d,
+        "layers": layers,
+        "rounds": rounds,
+        "s_per_layer": med,
+        "max_rel_error": {k: float(((v - ref) / ref).abs().max()) for k, v in values.items()},
+    }
 
 
 #: SLQ settings compared by ``--sweep`` (name -> SLQSettings keyword arguments).
@@ -465,6 +589,20 @@ def main(argv=None) -> int:
         metavar=("N", "D"),
         help="only compare SLQ settings around the defaults at this size (12 layers)",
     )
+    parser.add_argument(
+        "--median-sample",
+        nargs=2,
+        type=int,
+        metavar=("N", "D"),
+        help="only compare the sampled median bandwidth with the exact one (8 layers)",
+    )
+    parser.add_argument(
+        "--ratio",
+        nargs=2,
+        type=int,
+        metavar=("N", "D"),
+        help="only time exact vs SLQ interleaved in one process (2 layers, --repeats rounds)",
+    )
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -485,6 +623,19 @@ def main(argv=None) -> int:
         n, d = args.profile
         print()
         run_worker(dict(method="profile", n=n, d=d, layers=2, threads=args.threads))
+        return 0
+    if args.median_sample:
+        n, d = args.median_sample
+        print()
+        spec = dict(method="median_sample", n=n, d=d, layers=8, pairs=[2**16, 2**18, 2**20])
+        run_worker(dict(spec, seeds=3, threads=args.threads))
+        return 0
+    if args.ratio:
+        n, d = args.ratio
+        print()
+        run_worker(
+            dict(method="ratio", n=n, d=d, layers=2, repeats=args.repeats, threads=args.threads)
+        )
         return 0
     if args.sweep:
         n, d = args.sweep

@@ -2,25 +2,69 @@
 
 Sequences (all leading dims flattened) are processed a chunk at a time, each chunk's
 ``[chunk, n, n]`` Gram taking at most ``max_gram_bytes`` bytes (at least one sequence per
-chunk; None = all at once). One in-place buffer per chunk: the pair distances (by a
-blocked symmetric product from :data:`~unifyreg.estimators.kernel.SYMMETRIC_GRAM_MIN_TOKENS`
-tokens), the median bandwidth (by selection there: the same median), the Gram, then
-``eigvalsh`` on the normalised Gram in place. Values agree with the autograd path to
-round-off (tested to 1e-9 bits); peak memory is about twice the chunk's Gram instead of
-four times.
+chunk; None = all at once, except on CPU, where chunks stay within
+:data:`CPU_CHUNK_BYTES` because that is faster). One in-place buffer per chunk: the pair
+distances (on CPU by NumPy's symmetric rank-k update from
+:data:`~unifyreg.estimators.cpu_linalg.NUMPY_MIN_TOKENS` tokens; elsewhere by a blocked
+symmetric product from :data:`~unifyreg.estimators.kernel.SYMMETRIC_GRAM_MIN_TOKENS`),
+the median bandwidth (by selection from there: the same median), the Gram, then
+``eigvalsh`` on the normalised Gram in place (NumPy's LAPACK on CPU, :mod:`.cpu_linalg`).
+Values agree with the autograd path to round-off (tested to 1e-9 bits); peak memory is
+about twice the chunk's Gram instead of four times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor
 
+from unifyreg.estimators import cpu_linalg
 from unifyreg.estimators.exact import renyi_entropy_in_place
 from unifyreg.estimators.kernel import Bandwidth, gram_from_sq_distances_, sq_distances_no_grad
 
-__all__ = ["gram_chunk_size"]
+__all__ = ["CPU_CHUNK_BYTES", "cpu_chunk_bytes", "gram_chunk_size", "torch_kernels_only"]
+
+#: On CPU the no-gradient exact path works on chunks of at most this many Gram bytes
+#: even without a memory bound (``max_gram_bytes=None``): a chunk's passes over its
+#: ``n x n`` buffers then stay in the last-level cache and the allocator reuses its
+#: blocks instead of faulting in fresh pages for a whole batch (one sequence per chunk
+#: from n = 724 in float64; all of a small batch at once). Measured (BENCHMARKS.md,
+#: issue 20, 1 thread): 25 x 600 x 1024 1.2-1.4x and 13 x 1200 x 1024 1.2x faster than
+#: one chunk, 8 and 1 MiB alike within noise at n >= 600, 0.1 MiB 20 % slower at
+#: n = 128; chunking never changes a sequence's result.
+CPU_CHUNK_BYTES = 4 * 2**20
+
+
+def cpu_chunk_bytes(max_gram_bytes: int | None, device: torch.device) -> int | None:
+    """The Gram bytes per chunk of the no-gradient exact path: ``max_gram_bytes``, capped
+    at :data:`CPU_CHUNK_BYTES` on CPU."""
+    if device.type != "cpu":
+        return max_gram_bytes
+    return CPU_CHUNK_BYTES if max_gram_bytes is None else min(max_gram_bytes, CPU_CHUNK_BYTES)
+
+
+@contextlib.contextmanager
+def torch_kernels_only():
+    """Within this context the exact path runs as before issue 20: torch's own kernels
+    (no NumPy BLAS/LAPACK, :mod:`.cpu_linalg`) and one chunk when ``max_gram_bytes`` is
+    None. For comparisons (``scripts/bench_compare.py``, the tests), or a host whose
+    torch LAPACK measures faster than NumPy's. Not thread-safe (module settings)."""
+    saved = cpu_linalg.NUMPY_MIN_TOKENS, CPU_CHUNK_BYTES
+    cpu_linalg.NUMPY_MIN_TOKENS = math.inf  # also turns off the NumPy eigvalsh
+    _set_cpu_chunk_bytes(2**62)
+    try:
+        yield
+    finally:
+        cpu_linalg.NUMPY_MIN_TOKENS = saved[0]
+        _set_cpu_chunk_bytes(saved[1])
+
+
+def _set_cpu_chunk_bytes(value: int) -> None:
+    global CPU_CHUNK_BYTES
+    CPU_CHUNK_BYTES = value
 
 
 def gram_chunk_size(n: int, itemsize: int, max_gram_bytes: int | None) -> int | None:
@@ -130,7 +174,7 @@ def entropy_blocked(
     of sequences at a time (module docstring)."""
     batch_shape, (n, d) = Z.shape[:-2], Z.shape[-2:]
     total = math.prod(batch_shape)
-    size = gram_chunk_size(n, Z.element_size(), max_gram_bytes)
+    size = gram_chunk_size(n, Z.element_size(), cpu_chunk_bytes(max_gram_bytes, Z.device))
     flat_Z = Z.reshape(total, n, d)
     flat_mask = None if mask is None else mask.reshape(total, n)
     flat_sigma = flat_bandwidth(sigma, batch_shape, Z.dtype, Z.device)
@@ -157,7 +201,9 @@ def proxy_blocked(
     """Proxy ``[...]`` of prepared joint sequences ``[..., n + m, d]``, a chunk at a time."""
     batch_shape, (length, d) = Z_joint.shape[:-2], Z_joint.shape[-2:]
     total = math.prod(batch_shape)
-    size = gram_chunk_size(length, Z_joint.element_size(), max_gram_bytes)
+    size = gram_chunk_size(
+        length, Z_joint.element_size(), cpu_chunk_bytes(max_gram_bytes, Z_joint.device)
+    )
     flat_Z = Z_joint.reshape(total, length, d)
     flat_mask = None if mask_joint is None else mask_joint.reshape(total, length)
     flat_sigma = flat_bandwidth(sigma, batch_shape, Z_joint.dtype, Z_joint.device)

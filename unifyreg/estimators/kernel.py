@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from unifyreg.estimators._checks import as_mask, check_sequences
+from unifyreg.estimators.cpu_linalg import numpy_applies, self_products
 
 __all__ = [
     "BANDWIDTH_RULES",
@@ -53,6 +54,7 @@ __all__ = [
     "parse_bandwidth_rule",
     "resolve_bandwidth",
     "rms_bandwidth",
+    "sampled_median_bandwidth",
     "silverman_bandwidth",
 ]
 
@@ -155,14 +157,27 @@ def pairwise_sq_distances(Z: Tensor, mask: Tensor | None = None) -> Tensor:
         D = torch.where(raw > threshold, raw, torch.zeros((), dtype=raw.dtype, device=raw.device))
         eye = torch.eye(n, dtype=torch.bool, device=Z.device)
         return D.masked_fill(eye, 0.0)
-    # No graph to keep: one fused baddbmm and in-place updates save passes over n x n.
-    flat = Zc.reshape(-1, n, d)
-    norms = sq_norms.reshape(-1, n)
-    D = torch.baddbmm(
-        norms.unsqueeze(-1) + norms.unsqueeze(-2), flat, flat.transpose(-1, -2), alpha=-2.0
-    )
-    D.masked_fill_(D <= threshold.reshape(-1, 1, 1), 0.0)
-    D = D.reshape(*Zc.shape[:-2], n, n)
+    D = _sq_distances_of_centred(Zc.reshape(-1, n, d), sq_norms.reshape(-1, n), threshold)
+    return D.reshape(*Zc.shape[:-2], n, n)
+
+
+def _sq_distances_of_centred(Zc: Tensor, sq_norms: Tensor, threshold: Tensor) -> Tensor:
+    """``|c_i|^2 + |c_j|^2 - 2 c_i.c_j`` ``[B, n, n]`` of centred ``[B, n, d]`` without
+    gradient, round-off values and the diagonal set to 0. On CPU from
+    :data:`~unifyreg.estimators.cpu_linalg.NUMPY_MIN_TOKENS` tokens the products are
+    NumPy's symmetric rank-k update, so ``D`` is exactly symmetric, and the round-off
+    cut is one fused pass per sequence (``threshold_``); otherwise one fused ``baddbmm``.
+    In-place updates save passes over ``n x n``."""
+    n = Zc.shape[-2]
+    outer = sq_norms.unsqueeze(-1) + sq_norms.unsqueeze(-2)
+    if numpy_applies(Zc, n):
+        D = outer.add_(self_products(Zc.contiguous()), alpha=-2.0)  # outer + (-2 G): exact
+        for b, cut in enumerate(threshold.reshape(-1).tolist()):
+            torch.nn.functional.threshold_(D[b], cut, 0.0)  # D <= cut -> 0
+    else:
+        D = torch.baddbmm(outer, Zc, Zc.transpose(-1, -2), alpha=-2.0)
+        del outer
+        D.masked_fill_(D <= threshold.reshape(-1, 1, 1), 0.0)
     D.diagonal(dim1=-2, dim2=-1).zero_()
     return D
 
@@ -170,14 +185,15 @@ def pairwise_sq_distances(Z: Tensor, mask: Tensor | None = None) -> Tensor:
 def sq_distances_no_grad(Z: Tensor, mask: Tensor | None) -> Tensor:
     """:func:`pairwise_sq_distances` of ``[B, n, d]`` for use without gradient.
 
-    Below :data:`SYMMETRIC_GRAM_MIN_TOKENS` it is :func:`pairwise_sq_distances` itself.
-    From there the product ``Zc Zc^T`` is formed in 4 x 4 blocks of which only the upper
-    triangle is computed (10 of 16 block products) and mirrored, about 1.4x faster than
-    one ``baddbmm`` on CPU: the same centring and formula, equal to
+    Below :data:`SYMMETRIC_GRAM_MIN_TOKENS`, and on CPU (where NumPy's symmetric rank-k
+    update is faster still, :mod:`.cpu_linalg`), it is :func:`pairwise_sq_distances`
+    itself. Otherwise the product ``Zc Zc^T`` is formed in 4 x 4 blocks of which only the
+    upper triangle is computed (10 of 16 block products) and mirrored, about 1.4x faster
+    than one ``baddbmm``: the same centring and formula, equal to
     :func:`pairwise_sq_distances` to round-off, and exactly symmetric.
     """
     n, d = Z.shape[-2:]
-    if n < SYMMETRIC_GRAM_MIN_TOKENS:
+    if n < SYMMETRIC_GRAM_MIN_TOKENS or numpy_applies(Z, n):
         with torch.no_grad():
             return pairwise_sq_distances(Z, mask)
     Zc = centred_no_grad(Z, mask)
@@ -295,6 +311,56 @@ def median_bandwidth_by_selection(D: Tensor, mask: Tensor | None) -> Tensor:
         if Db.shape[-1] >= 2:
             out[b] = lower_median_of_pairs(Db)
     return out.clamp_min(0).sqrt().clamp_min(MIN_MEDIAN_BANDWIDTH)
+
+
+@torch.no_grad()
+def sampled_median_bandwidth(
+    D: Tensor, mask: Tensor | None, pairs: int, generator: torch.Generator | int | None = 0
+) -> Tensor:
+    """The median bandwidth estimated from ``pairs`` random pairs: ``[B]`` from squared
+    distances ``D`` ``[B, n, n]``, without gradient and without ranking all ``n^2`` entries.
+
+    ``sigma = sqrt(lower median_k D[i_k, j_k])`` over pairs drawn uniformly (with
+    replacement) among the pairs ``i != j`` of each sequence's valid tokens, floored like
+    :func:`median_bandwidth`; fewer than two valid tokens give 1.0. Cost ``O(pairs)`` per
+    sequence (one gather) against several passes over ``n^2`` for the exact median by
+    selection. One draw of ``2 x pairs`` uniforms from ``generator`` (an int seeds one)
+    serves every sequence (common random numbers), scaled to each sequence's count of
+    valid tokens, so a sequence's value does not depend on its place in the batch or on
+    trailing padding. The sample median's rank error is about ``0.5 / sqrt(pairs)`` in
+    quantile (0.05 % at 2^20 pairs); its effect on sigma and H is measured in
+    BENCHMARKS.md (issue 20) and tested.
+    """
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+        raise ValueError(f"pairs must be an integer >= 1, got {pairs!r}")
+    batch, n = D.shape[0], D.shape[-1]
+    gen = generator if isinstance(generator, torch.Generator) else None
+    if gen is None:
+        gen = torch.Generator().manual_seed(0 if generator is None else int(generator))
+    u = torch.rand(2, pairs, generator=gen, dtype=torch.float64).to(D.device)
+    if mask is None:
+        counts = torch.full((batch,), n, dtype=torch.long, device=D.device)
+    else:
+        counts = mask.sum(dim=-1)
+    trailing = mask is None or bool(
+        torch.all(mask == (torch.arange(n, device=D.device) < counts[:, None]))
+    )
+    shared = trailing and bool(torch.all(counts == counts[0]))
+    rows = counts[:1] if shared else counts  # one draw of pairs serves equal sequences
+    c = rows.to(torch.float64)[:, None]
+    first = torch.minimum((u[0] * c).long(), (rows - 1).clamp_min(0)[:, None])
+    second = torch.minimum((u[1] * (c - 1)).long(), (rows - 2).clamp_min(0)[:, None])
+    second = (second + (second >= first)).clamp_max(n - 1)  # uniform over the others
+    if not trailing:
+        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)  # valid first
+        first, second = order.gather(1, first), order.gather(1, second)
+    flat = D.reshape(batch, n * n)
+    if shared:  # sorted positions: one sweep through memory instead of random reads
+        values = flat.index_select(1, (first[0] * n + second[0]).sort().values)
+    else:
+        values = flat.gather(1, first * n + second)
+    sigma = values.median(dim=-1).values.clamp_min(MIN_MEDIAN_BANDWIDTH**2).sqrt()
+    return torch.where(counts >= 2, sigma, torch.ones_like(sigma))
 
 
 def _rule_error(text: str) -> str:
@@ -504,15 +570,26 @@ def gaussian_gram(Z: Tensor, sigma: Bandwidth = "median", mask: Tensor | None = 
 
 
 def gram_from_sq_distances_(
-    D: Tensor, sigma: Bandwidth, mask: Tensor | None, width: int | None = None
+    D: Tensor,
+    sigma: Bandwidth,
+    mask: Tensor | None,
+    width: int | None = None,
+    *,
+    median_pairs: int = 0,
+    seed: int = 0,
 ) -> Tensor:
     """The Gaussian Gram ``exp(-D / (2 sigma^2))`` of squared distances ``D`` ``[B, n, n]``,
     built in ``D``'s buffer (``D`` is consumed); padded rows and columns zeroed in place
     (no pair-mask copy). From :data:`SYMMETRIC_GRAM_MIN_TOKENS` tokens the median
     bandwidth is found by selection (the same median; needs ``D`` exactly symmetric, as
     :func:`sq_distances_no_grad` makes it). ``width``: the token width d, needed by the
-    rules that use it (``silverman``), which ``D`` does not tell."""
-    if isinstance(sigma, str) and sigma == "median" and D.shape[-1] >= SYMMETRIC_GRAM_MIN_TOKENS:
+    rules that use it (``silverman``), which ``D`` does not tell. ``median_pairs`` > 0
+    (the SLQ path's setting): from the same size the median comes from that many random
+    pairs instead (:func:`sampled_median_bandwidth`, seeded with ``seed``)."""
+    large = D.shape[-1] >= SYMMETRIC_GRAM_MIN_TOKENS
+    if isinstance(sigma, str) and sigma == "median" and large and median_pairs > 0:
+        bandwidth = sampled_median_bandwidth(D, mask, median_pairs, seed)
+    elif isinstance(sigma, str) and sigma == "median" and large:
         bandwidth = median_bandwidth_by_selection(D, mask)
     else:
         if isinstance(sigma, str) and width is None and parse_bandwidth_rule(sigma)[0].needs_width:

@@ -31,14 +31,25 @@ from torch import Tensor
 from unifyreg.estimators._checks import as_generator
 from unifyreg.estimators.blocked import chunks, flat_bandwidth, gram_chunk_size, part
 from unifyreg.estimators.exact import renyi_entropy_exact
-from unifyreg.estimators.kernel import Bandwidth, gram_from_sq_distances_, sq_distances_no_grad
+from unifyreg.estimators.kernel import (
+    Bandwidth,
+    gram_from_sq_distances_,
+    sq_distances_no_grad,
+)
 
-__all__ = ["RITZ_LANCZOS_STEPS", "SLQSettings", "SLQ_ERROR_BOUND"]
+__all__ = ["RITZ_LANCZOS_STEPS", "SAMPLED_MEDIAN_MIN_TOKENS", "SLQSettings", "SLQ_ERROR_BOUND"]
 
 
 #: Documented error of the SLQ entropy with the default settings (alpha >= 1):
 #: ``|H_slq - H| <= SLQ_ERROR_BOUND[0] * H + SLQ_ERROR_BOUND[1]`` (the absolute term in bits).
 SLQ_ERROR_BOUND = (0.01, 1e-4)
+
+#: From this many tokens (the padded length) the ``"median"`` bandwidth of the SLQ path is
+#: estimated from ``SLQSettings.median_pairs`` random pairs of its distance matrix.
+#: Measured (BENCHMARKS.md, issue 20; 2^20 pairs, 1 thread): 48 ms per sequence against
+#: 122 ms for the exact median by selection at n = 4096; at n = 2048 the selection
+#: (28 ms) is as cheap as the sample, so below this size the median stays exact.
+SAMPLED_MEDIAN_MIN_TOKENS = 3072
 
 #: Lanczos steps run from each Ritz vector of the deflation subspace (near-eigenvectors,
 #: whose quadratic forms converge in a few steps).
@@ -60,7 +71,12 @@ class SLQSettings:
     - ``power_iterations``: subspace iterations for the deflation subspace (>= 1);
     - ``exact_max_tokens``: Grams of at most this many tokens (the padded length) are
       computed exactly with ``eigvalsh`` in float64, where it costs about as little;
-    - ``seed``: seed of the random vectors when no generator is passed.
+    - ``seed``: seed of the random vectors when no generator is passed;
+    - ``median_pairs``: with the ``"median"`` bandwidth and at least
+      :data:`SAMPLED_MEDIAN_MIN_TOKENS` tokens, the median is estimated from this many
+      random pairs of the distance matrix
+      (:func:`~unifyreg.estimators.kernel.sampled_median_bandwidth`, drawn with ``seed``)
+      instead of ranking all ``n (n - 1) / 2``; 0 = the exact median.
 
     The defaults meet the documented error bound (see :func:`renyi_entropy_slq`). Cost
     per sequence: about ``n^2 * (deflation_rank * (power_iterations + 1 + 4) +
@@ -74,6 +90,7 @@ class SLQSettings:
     power_iterations: int = 2
     exact_max_tokens: int = 256
     seed: int = 0
+    median_pairs: int = 1 << 20
 
     def __post_init__(self) -> None:
         minimum = {
@@ -82,6 +99,7 @@ class SLQSettings:
             "lanczos_steps": 2,
             "power_iterations": 1,
             "exact_max_tokens": 0,
+            "median_pairs": 0,
         }
         for name, low in minimum.items():
             value = getattr(self, name)
@@ -318,10 +336,18 @@ def _renyi_from_gram_slq(
     return _entropy_from_trace(trace_g, alpha, base, counts)
 
 
-def _gram_no_grad(Z: Tensor, sigma: Bandwidth, mask: Tensor | None) -> Tensor:
-    """The Gaussian Gram of ``[B, n, d]`` without gradient, built in place."""
+def _gram_no_grad(
+    Z: Tensor, sigma: Bandwidth, mask: Tensor | None, settings: SLQSettings
+) -> Tensor:
+    """The Gaussian Gram of ``[B, n, d]`` without gradient, built in place; the median
+    bandwidth from ``settings.median_pairs`` random pairs from
+    :data:`SAMPLED_MEDIAN_MIN_TOKENS` tokens."""
+    pairs = settings.median_pairs if Z.shape[-2] >= SAMPLED_MEDIAN_MIN_TOKENS else 0
     with torch.no_grad():
-        return gram_from_sq_distances_(sq_distances_no_grad(Z, mask), sigma, mask, Z.shape[-1])
+        D = sq_distances_no_grad(Z, mask)
+        return gram_from_sq_distances_(
+            D, sigma, mask, Z.shape[-1], median_pairs=pairs, seed=settings.seed
+        )
 
 
 @torch.no_grad()
@@ -363,7 +389,7 @@ def entropy_slq(
     omega, probes = _slq_draws(n, settings, generator, Z.dtype, Z.device)
     out = []
     for piece in chunks(total, gram_chunk_size(n, Z.element_size(), max_gram_bytes)):
-        K = _gram_no_grad(flat_Z[piece], part(flat_sigma, piece), part(flat_mask, piece))
+        K = _gram_no_grad(flat_Z[piece], part(flat_sigma, piece), part(flat_mask, piece), settings)
         out.append(_renyi_from_gram_slq(K, alpha, base, settings, omega, probes))
         del K
     return torch.cat(out).reshape(batch_shape)
@@ -392,7 +418,7 @@ def proxy_slq(
     omega, probes = _slq_draws(length, settings, generator, Z_joint.dtype, Z_joint.device)
     out = []
     for piece in chunks(total, gram_chunk_size(length, Z_joint.element_size(), max_gram_bytes)):
-        K = _gram_no_grad(flat_Z[piece], part(flat_sigma, piece), part(flat_mask, piece))
+        K = _gram_no_grad(flat_Z[piece], part(flat_sigma, piece), part(flat_mask, piece), settings)
         K_pp = K[:, :n, :n].clone()
         joint = _renyi_from_gram_slq(K, alpha, base, settings, omega, probes)
         del K
