@@ -252,7 +252,7 @@ def test_both_loss_terms_compute(embeddings):
     out = adapter.forward(batch)
     total, logs = term(adapter, batch, out, step=0)
     assert torch.isfinite(total) and logs["loss/ctx_tokens"] > 0 and logs["loss/div_parts"] == 2
-    causal = ContextualPredictionLoss(LossConfig(w_ctx=1.0), adapter.hidden_size)
+    causal = ContextualPredictionLoss(LossConfig(w_ctx=1.0, ctx_mode="causal"), adapter.hidden_size)
     with pytest.raises(ValueError, match="predicts masked image tokens: use loss.ctx_mode=bidir"):
         causal(adapter, batch, out, step=0)
     (out.task_loss + total).backward()

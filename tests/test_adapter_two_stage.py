@@ -360,7 +360,7 @@ def test_continuous_contextual_prediction_scores_masked_latents_through_the_mask
     loss.backward()
     assert term.mask_embedding.grad.abs().sum() > 0
     # The causal mode has no next-token image targets here.
-    causal = ContextualPredictionLoss(LossConfig(w_ctx=1.0), adapter.mask_width)
+    causal = ContextualPredictionLoss(LossConfig(w_ctx=1.0, ctx_mode="causal"), adapter.mask_width)
     with pytest.raises(ValueError, match="predicts continuous latents: use loss.ctx_mode=bidir"):
         causal.contextual_prediction(adapter, batch)
     with pytest.raises(ValueError, match="no mask latent of its own"):

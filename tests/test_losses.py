@@ -74,7 +74,7 @@ def test_contextual_prediction_masks_only_image_response_inputs(tiny_adapter, ti
         seen["roles"] = batch["roles"]
         return original(batch, **kwargs)
 
-    config = LossConfig(w_ctx=1.0, mask_ratio=0.9, ctx_row_fraction=1.0)
+    config = LossConfig(w_ctx=1.0, ctx_mode="causal", mask_ratio=0.9, ctx_row_fraction=1.0)
     loss = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
     tiny_adapter.forward = spy
     try:
@@ -93,7 +93,7 @@ def test_contextual_prediction_masks_only_image_response_inputs(tiny_adapter, ti
 
 def test_contextual_prediction_with_no_masking_equals_the_image_loss(tiny_adapter, tiny_splits):
     batch = tiny_adapter.encode(tiny_splits["probe/text/deductive"][:3])
-    config = LossConfig(w_ctx=1.0, mask_ratio=0.0, ctx_row_fraction=1.0)
+    config = LossConfig(w_ctx=1.0, ctx_mode="causal", mask_ratio=0.0, ctx_row_fraction=1.0)
     loss = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
     ctx, _ = loss.contextual_prediction(tiny_adapter, batch)
     plain = tiny_adapter.forward(batch, output_hidden_states=False)
@@ -106,7 +106,9 @@ def test_ctx_runs_on_a_trimmed_random_subset_of_the_image_rows(tiny_adapter, tin
     examples = [e for pair in zip(drawing, reading, strict=True) for e in pair]  # interleaved
     batch = tiny_adapter.encode(examples)
     image_rows = (batch["roles"] == R.IMAGE_RESPONSE).any(dim=1)
-    config = LossConfig(w_ctx=1.0, mask_ratio=0.0, ctx_row_fraction=0.25)  # ceil(3) rows of 12
+    config = LossConfig(
+        w_ctx=1.0, ctx_mode="causal", mask_ratio=0.0, ctx_row_fraction=0.25
+    )  # ceil(3) rows of 12
     loss = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
     chosen = set()
     for _ in range(6):
@@ -211,7 +213,7 @@ def test_all_weights_zero_equals_the_baseline_exactly(tiny_adapter, tiny_splits)
 def test_ctx_masks_image_positions_at_the_configured_ratio(tiny_adapter, tiny_splits):
     examples = [e for k, v in tiny_splits.items() if k.startswith("probe/text/") for e in v]
     batch = tiny_adapter.encode(examples)
-    config = LossConfig(w_ctx=1.0, mask_ratio=0.3, ctx_row_fraction=1.0)
+    config = LossConfig(w_ctx=1.0, ctx_mode="causal", mask_ratio=0.3, ctx_row_fraction=1.0)
     loss = ContextualPredictionLoss(config, tiny_adapter.hidden_size)
     fractions = []
     original = tiny_adapter.forward

@@ -46,3 +46,17 @@ def test_the_default_model_is_the_shipped_base_and_no_training_runs(tmp_path, mo
     other = PretrainToyConfig(cache_dir=str(tmp_path), seed=1)
     assert shipped_base(other) is None  # another seed: a cache path, built on demand
     assert default_model_path(other, build=False).parent == tmp_path
+
+
+def test_ctx_mode_is_keyed_only_while_ctx_is_on():
+    """The mode changes no weight while `w_ctx` is 0: both modes give one key there (the
+    shipped bases kept theirs when the default became `bidirectional`); with `L_ctx` on,
+    the two modes are two bases."""
+    from unifyreg.config import LossConfig
+
+    off = {mode: cache_key(PretrainToyConfig(loss=LossConfig(ctx_mode=mode))) for mode in
+           ("causal", "bidirectional")}  # fmt: skip
+    assert off["causal"] == off["bidirectional"] == cache_key(PretrainToyConfig())
+    on = {mode: cache_key(PretrainToyConfig(loss=LossConfig(w_ctx=1.0, ctx_mode=mode))) for
+          mode in ("causal", "bidirectional")}  # fmt: skip
+    assert on["causal"] != on["bidirectional"] and off["causal"] not in on.values()

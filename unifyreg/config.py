@@ -425,9 +425,10 @@ class LossConfig(Section):
     """The contextual-prediction regularizer: ``L = L_task + w_ctx L_ctx + w_div L_div``.
 
     - ``w_ctx``, ``w_div``: weights (>= 0; 0 switches a term off);
-    - ``ctx_mode``: ``causal`` (masked inputs, next-token targets: any adapter) or
-      ``bidirectional`` (masked prediction with image tokens attending within their image:
-      the contextual objective as a regularizer; adapters that take masked prediction);
+    - ``ctx_mode``: ``bidirectional`` (the default: masked prediction with image tokens
+      attending within their image, the contextual objective as a regularizer; adapters
+      that take masked prediction) or ``causal`` (masked inputs, next-token targets: any
+      next-token adapter); chosen by the toy ablation (docs/replication_toy.md);
     - ``mask_ratio``: share of image-response inputs replaced by the mask embedding in
       ``L_ctx``'s causal mode, in [0, 1) (the bidirectional mode draws a cosine-schedule
       share per image);
@@ -455,7 +456,7 @@ class LossConfig(Section):
     _prefix = "loss"
     w_ctx: float = 0.0
     w_div: float = 0.0
-    ctx_mode: Literal["causal", "bidirectional"] = "causal"
+    ctx_mode: Literal["causal", "bidirectional"] = "bidirectional"
     mask_ratio: float = 0.5
     ctx_row_fraction: float = 0.125
     div_alpha: float = 2.0

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from unifyreg.estimators import cpu_linalg
+import unifyreg.estimators.cpu_linalg as cpu_linalg
 from unifyreg.estimators.exact import renyi_entropy_in_place
 from unifyreg.estimators.kernel import Bandwidth, gram_from_sq_distances_, sq_distances_no_grad
 

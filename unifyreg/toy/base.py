@@ -86,6 +86,10 @@ def cache_key(cfg: PretrainToyConfig) -> str:
         for key, value in dataclasses.asdict(cfg.loss).items()
         if key not in LOSS_KEYS_ADDED_LATER or value != LOSS_KEYS_ADDED_LATER[key]
     }
+    if cfg.loss.w_ctx == 0:
+        # The mode changes nothing while L_ctx is off; keyed at its first default
+        # ("causal") so bases built before the default became "bidirectional" keep their keys.
+        loss["ctx_mode"] = "causal"
     return config_hash(
         {
             "world": dataclasses.asdict(cfg.world),
