@@ -7,7 +7,7 @@
 **Contextual prediction** ``L_ctx`` — the image-side twin of next-token prediction, in
 one of two modes (``ctx_mode``):
 
-- ``bidirectional`` (Harmon's mechanism, Show-o's discrete form): per image, a
+- ``bidirectional`` (the default; Harmon's mechanism, Show-o's discrete form): per image, a
   cosine-schedule share ``cos(pi/2 * u)`` of the response-image inputs (``u ~ U(0, 1)``, at
   least one) is replaced by one learned mask embedding ``m``; image tokens attend to every
   token of their image (the seam's masked prediction: ``masked_positions``, omni
