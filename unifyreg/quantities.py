@@ -31,6 +31,8 @@ from unifyreg.estimators import (
     conditional_entropy_proxy,
     matrix_entropy,
     normalize_by_count,
+    proxy_with_prompt_entropy,
+    shares_prompt_distances,
     subsample_tokens,
 )
 from unifyreg.roles import Role, role_counts, role_mask
@@ -206,6 +208,38 @@ def _plan(
     return plan
 
 
+def _shared_prompts(
+    roles: Tensor, plan: dict[str, tuple[Quantity, Tensor, tuple[_Positions, ...]]]
+) -> dict[str, dict[str, Tensor]]:
+    """``proxy -> {entropy: own [b_proxy, k_prompt]}``: for each row of each prompt
+    entropy of ``plan``, the first proxy (table order) whose kept prompt tokens in that
+    sample hold all the entropy's kept tokens, and where they lie among them (``own``:
+    True at those prompt slots; rows assigned elsewhere all False). Such an entropy is
+    computed with its proxy, from the same distances
+    (:func:`~unifyreg.estimators.proxy_with_prompt_entropy`)."""
+    shared: dict[str, dict[str, Tensor]] = {}
+    batch, length = roles.shape
+    for name, (_, _, (positions,)) in ((n, v) for n, v in plan.items() if not v[0].is_proxy):
+        member = torch.zeros(batch * length, dtype=torch.bool, device=roles.device)
+        flat = (positions.rows[:, None] * length + positions.index)[positions.mask]
+        member[flat] = True
+        member = member.view(batch, length)
+        wanted = torch.zeros(batch, dtype=torch.long, device=roles.device)
+        wanted[positions.rows] = positions.counts
+        done = torch.zeros(batch, dtype=torch.bool, device=roles.device)
+        for proxy, (proxy_spec, _, proxy_positions) in plan.items():
+            if not proxy_spec.is_proxy:
+                continue
+            prompt = proxy_positions[0]
+            own = member[prompt.rows[:, None], prompt.index] & prompt.mask
+            covers = (own.sum(dim=1) == wanted[prompt.rows]) & (wanted[prompt.rows] > 0)
+            covers &= ~done[prompt.rows]
+            if bool(covers.any()):
+                shared.setdefault(proxy, {})[name] = own & covers[:, None]
+                done[prompt.rows[covers]] = True
+    return shared
+
+
 #: Extra memory the probe may always use per chunk of layers, however small the batch.
 AUTO_CHUNK_FLOOR_BYTES = 64 * 2**20
 
@@ -275,6 +309,12 @@ def batch_quantities(
     ``max_tokens`` > 0 keeps at most that many tokens of each role segment (prompt and
     response separately), a uniform subset seeded by the segment's length (the same for
     every layer and whatever the batch), and normalises by the kept count.
+
+    With a gradient at order 2 and a median bandwidth (the divergence loss), a prompt
+    entropy whose tokens lie among a proxy's prompt tokens in the same sample is
+    computed in that proxy's call from the joint distances
+    (:func:`~unifyreg.estimators.proxy_with_prompt_entropy`; the same values and
+    gradients to round-off, one distance product instead of two).
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an integer >= 0 (0 = no limit), got {max_tokens!r}")
@@ -296,15 +336,39 @@ def batch_quantities(
     plan = _plan(roles, quantities, max_tokens)
     pieces: dict[str, list[Tensor]] = {name: [] for name in plan}
     valid = roles != int(Role.PAD)
+    shared = None
     for start in range(0, len(layers), layers_per_chunk):
         tokens = TokenBatch(layers[start : start + layers_per_chunk], valid)
+        if shared is None:
+            share = shares_prompt_distances(tokens, alpha, sigma, method)
+            shared = _shared_prompts(roles, plan) if share else {}
+        with_proxy: dict[str, list[tuple[Tensor, Tensor]]] = {}  # entropy -> (rows, values)
         for name, (spec, _, positions) in plan.items():
+            if not spec.is_proxy:
+                continue
             segments = [tokens.segments(p.rows, p.index, p.mask) for p in positions]
-            if spec.is_proxy:
-                values = conditional_entropy_proxy(*segments, **estimator)
+            if name in shared:
+                # One distance matrix per joint sequence for the proxy and the prompt
+                # entropies it covers (their tokens are among its prompt tokens).
+                own = torch.zeros_like(positions[0].mask)
+                for entropy_own in shared[name].values():
+                    own |= entropy_own
+                values, entropy = proxy_with_prompt_entropy(
+                    *segments, own, alpha, sigma, base, dtype=dtype,
+                    nan_policy="propagate", max_gram_bytes=max_gram_bytes,
+                )  # fmt: skip
+                for entropy_name, entropy_own in shared[name].items():
+                    rows = torch.nonzero(entropy_own.any(dim=1)).flatten()
+                    with_proxy.setdefault(entropy_name, []).append(
+                        (positions[0].rows[rows], entropy[:, rows])
+                    )
             else:
-                values = matrix_entropy(segments[0], **estimator)
+                values = conditional_entropy_proxy(*segments, **estimator)
             pieces[name].append(values)
+        for name, (spec, _, positions) in plan.items():
+            if not spec.is_proxy:
+                computed = with_proxy.get(name, [])
+                pieces[name].append(_entropy_rows(tokens, positions[0], computed, estimator))
         del tokens
     out: dict[str, BatchQuantity] = {}
     for name, (_, select, positions) in plan.items():
@@ -313,6 +377,28 @@ def batch_quantities(
         normalized = normalize_by_count(values, counts.to(values.dtype)[None, :], base)
         out[name] = BatchQuantity(values, normalized, counts, select)
     return out
+
+
+def _entropy_rows(
+    tokens: TokenBatch, p: _Positions, computed: list[tuple[Tensor, Tensor]], estimator: dict
+) -> Tensor:
+    """``[L, b]``: an entropy over the rows ``p.rows``, taken from ``computed`` (``(rows,
+    values [L, len(rows)])`` found with a proxy) where given, by
+    :func:`~unifyreg.estimators.matrix_entropy` for the other rows."""
+    if not computed:
+        return matrix_entropy(tokens.segments(p.rows, p.index, p.mask), **estimator)
+    rows = torch.cat([r for r, _ in computed])
+    values = [v for _, v in computed]
+    rest = ~torch.isin(p.rows, rows)
+    if bool(rest.any()):
+        left = torch.nonzero(rest).flatten()
+        segment = tokens.segments(p.rows[left], p.index[left], p.mask[left])
+        rows = torch.cat([rows, p.rows[left]])
+        values.append(matrix_entropy(segment, **estimator))
+    # Back to the order of p.rows (every row of p appears once in rows).
+    order = torch.argsort(rows)
+    where = torch.searchsorted(rows[order], p.rows)
+    return torch.cat(values, dim=1).index_select(1, order[where])
 
 
 def _interpolate(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:

@@ -23,7 +23,8 @@ behind one signature:
 
 - ``method="exact"`` with a gradient to compute: order 2 with a median bandwidth runs
   through one autograd function with a hand-written backward (the divergence loss's
-  default); anything else builds the Gram and takes ``eigvalsh`` through autograd,
+  default; :func:`proxy_with_prompt_entropy` takes a prompt entropy from its proxy's
+  joint distances); anything else builds the Gram and takes ``eigvalsh`` through autograd,
   a chunk of ``max_gram_bytes`` at a time;
 - ``method="exact"`` without gradient: one in-place Gram per chunk of ``max_gram_bytes``,
   blocked symmetric distances and the median by selection from 1024 tokens
@@ -77,7 +78,9 @@ from unifyreg.estimators.blocked import (
 )
 from unifyreg.estimators.exact import (
     EIGENVALUE_FLOOR,
+    MEDIAN_RULES,
     entropy_autograd,
+    proxy_and_entropy_renyi2,
     proxy_autograd,
     renyi_entropy_exact,
 )
@@ -134,9 +137,11 @@ __all__ = [
     "normalize_by_count",
     "pairwise_sq_distances",
     "parse_bandwidth_rule",
+    "proxy_with_prompt_entropy",
     "renyi_entropy",
     "resolve_bandwidth",
     "rms_bandwidth",
+    "shares_prompt_distances",
     "silverman_bandwidth",
     "subsample_tokens",
 ]
@@ -358,6 +363,83 @@ def conditional_entropy_proxy(
     else:
         proxy = proxy_blocked(Z_joint, mask_joint, n, alpha, sigma, base, max_gram_bytes)
     return finish(proxy, counts if normalize else None, base, bad)
+
+
+def shares_prompt_distances(
+    batch: TokenBatch, alpha: float, sigma: Bandwidth, method: str = "exact"
+) -> bool:
+    """Whether :func:`proxy_with_prompt_entropy` applies to segments of ``batch``: the
+    exact method at order 2 with a median bandwidth (``"median"``,
+    ``"median_differentiable"``) and a gradient to compute (the divergence loss's
+    default route)."""
+    return (
+        method == "exact"
+        and float(alpha) == 2.0
+        and isinstance(sigma, str)
+        and sigma in MEDIAN_RULES
+        and batch.requires_grad
+    )
+
+
+def proxy_with_prompt_entropy(
+    Zp: Segments,
+    Zr: Segments,
+    own: Tensor,
+    alpha: float = 2.0,
+    sigma: Bandwidth = "median_differentiable",
+    base: float = 2.0,
+    *,
+    dtype: torch.dtype | None = None,
+    nan_policy: NanPolicy = "raise",
+    max_gram_bytes: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(proxy, entropy)`` ``[L, b]`` from one distance matrix per joint sequence:
+    ``conditional_entropy_proxy(Zp, Zr)`` and ``matrix_entropy`` of the prompt tokens
+    where ``own`` ``[b, k_p]`` (a subset of ``Zp.mask``: e.g. a sample's text prompt
+    within all its prompt tokens), with the median of their own pairs. The same values
+    and gradients as the two calls to round-off (the prompt's distances are centred on
+    the joint mean), in one distance product instead of two. Only where
+    :func:`shares_prompt_distances` holds (ValueError otherwise); ``entropy`` is 0 for a
+    row where ``own`` has no token, NaN where one of its tokens is not finite (with
+    ``nan_policy="propagate"``). Not normalised."""
+    alpha, base, _ = _check_common(alpha, base, sigma, "exact", max_gram_bytes, None)
+    if Zp.batch is not Zr.batch or not torch.equal(Zp.rows, Zr.rows):
+        raise ValueError("prompt and response Segments must share their TokenBatch and rows")
+    if not shares_prompt_distances(Zp.batch, alpha, sigma):
+        raise ValueError(
+            "proxy_with_prompt_entropy needs order 2, a median bandwidth and a gradient"
+        )
+    if own.shape != Zp.mask.shape or bool((own & ~Zp.mask).any()):
+        raise ValueError("own must be [b, k_p] and within the prompt's mask")
+    compute = _compute_dtype(dtype, "exact")
+    n_layers = len(Zp.batch.layers)
+    own_joint = torch.cat([own, torch.zeros_like(Zr.mask)], dim=-1)
+    own_joint = own_joint.expand(n_layers, *own_joint.shape)
+    zp, zr = Zp.gather(None), Zr.gather(None)
+    Z_joint, mask_joint, prompt, _, bad = prepare_joint(
+        zp, zr, Zp.layer_mask, Zr.layer_mask, compute, nan_policy
+    )
+    finite = finite_tokens(zp.detach())
+    bad_own = ~(finite | ~own).all(dim=-1)
+    batch_shape, (length, d) = Z_joint.shape[:-2], Z_joint.shape[-2:]
+    total = math.prod(batch_shape)
+    size = gram_chunk_size(length, Z_joint.element_size(), max_gram_bytes)
+    pieces = [
+        proxy_and_entropy_renyi2(
+            Z_joint.reshape(total, length, d)[piece],
+            mask_joint.reshape(total, length)[piece],
+            prompt.reshape(total, length)[piece],
+            own_joint.reshape(total, length)[piece],
+            sigma,
+            base,
+        )
+        for piece in chunks(total, size)
+    ]
+    proxy = torch.cat([p for p, _ in pieces]).reshape(batch_shape)
+    entropy = torch.cat([e for _, e in pieces]).reshape(batch_shape)
+    proxy = finish(proxy, None, base, bad)
+    entropy = finish(entropy, None, base, bad_own if bool(bad_own.any()) else None)
+    return proxy, entropy
 
 
 def _finish_shared(

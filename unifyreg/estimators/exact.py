@@ -123,14 +123,18 @@ def renyi_entropy_in_place(K: Tensor, alpha: float, base: float) -> Tensor:
 
 
 class GaussianRenyi2(torch.autograd.Function):
-    """Order-2 entropies (nats, unclamped) of the Gaussian Gram of each sequence and of
-    a block of it, with a hand-written backward: ``(Z [B, n, d], mask [B, n], block
-    [B, n], differentiable_bandwidth) -> (H [B], H_block [B])``.
+    """Order-2 entropies (nats, unclamped) of the Gaussian Gram of each sequence, of a
+    block of it, and of a subset with its own bandwidth, with a hand-written backward:
+    ``(Z [B, n, d], mask [B, n], block [B, n], differentiable_bandwidth, own [B, n]) ->
+    (H [B], H_block [B], H_own [B])``.
 
     With the median bandwidth ``s2 = sigma^2`` (lower median of the valid pairs' squared
     distances, floored; 1 without a pair) and ``E_ij = K_ij^2 = exp(-D_ij / s2)`` over
     valid pairs: ``H = 2 log c - log sum_ij E_ij`` (``K_ii = 1``, so ``tr K = c``), and the
-    same over the pairs of ``block`` (a proxy's prompt, with the joint bandwidth).
+    same over the pairs of ``block`` (a proxy's prompt, with the joint bandwidth). ``own``
+    (optional, within ``mask``): the entropy of those tokens alone, with the median of
+    *their* pairs, from the same distances: a prompt entropy computed with its proxy
+    (the distances of the joint sequence built once); 0 where ``own`` has no token.
 
     The same function as :func:`~unifyreg.estimators.kernel.gaussian_gram` +
     :func:`renyi_entropy_exact` (alpha = 2) with ``"median"`` /
@@ -142,7 +146,7 @@ class GaussianRenyi2(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, Z, mask, block, differentiable_bandwidth):
+    def forward(ctx, Z, mask, block, differentiable_bandwidth, own=None):
         batch, n, d = Z.shape
         count = mask.sum(dim=-1).to(Z.dtype)
         centred = centred_no_grad(Z, mask)
@@ -153,21 +157,8 @@ class GaussianRenyi2(torch.autograd.Function):
         D = raw * kept
         D.diagonal(dim1=-2, dim2=-1).zero_()
         pairs = mask[:, :, None] & mask[:, None, :]
-        median_at = None
-        if n >= 2:
-            rows, cols = _upper_pairs(n, Z.device)
-            upper = D[:, rows, cols].masked_fill_(~pairs[:, rows, cols], math.nan)
-            median = torch.nanmedian(upper, dim=-1)
-            has_pair = ~torch.isnan(median.values)
-            s2 = torch.where(has_pair, median.values, 1.0).clamp_min(MIN_MEDIAN_BANDWIDTH**2)
-            if differentiable_bandwidth:
-                # Where the median carries the gradient: a real pair above the floor.
-                carries = has_pair & (median.values >= MIN_MEDIAN_BANDWIDTH**2)
-                median_at = torch.where(
-                    carries, rows[median.indices] * n + cols[median.indices], -1
-                )
-        else:
-            s2 = torch.ones(batch, dtype=Z.dtype, device=Z.device)
+        upper = _upper_values(D) if n >= 2 else None
+        s2, median_at = _median_rate(upper, pairs, n, differentiable_bandwidth, D)
         E = torch.exp(D / -s2[:, None, None]).mul_(pairs)
         total = E.sum(dim=(-2, -1))
         H = 2.0 * torch.log(count.clamp_min(1)) - torch.log(total)
@@ -179,27 +170,37 @@ class GaussianRenyi2(torch.autograd.Function):
             block_count = block.sum(dim=-1)
             block_total = torch.where(block_count > 0, (E * block_pairs).sum(dim=(-2, -1)), 1.0)
             H_block = 2.0 * torch.log(block_count.clamp_min(1).to(Z.dtype)) - torch.log(block_total)
-        ctx.save_for_backward(centred, kept, D, E, total, s2, median_at, block_pairs, block_total)
-        return H, H_block
+        if own is None:
+            E_own = own_total = s2_own = median_own = None
+            H_own = torch.zeros_like(H)
+        else:
+            own_pairs = own[:, :, None] & own[:, None, :]
+            s2_own, median_own = _median_rate(upper, own_pairs, n, differentiable_bandwidth, D)
+            E_own = torch.exp(D / -s2_own[:, None, None]).mul_(own_pairs)
+            own_count = own.sum(dim=-1)
+            own_total = torch.where(own_count > 0, E_own.sum(dim=(-2, -1)), 1.0)
+            H_own = 2.0 * torch.log(own_count.clamp_min(1).to(Z.dtype)) - torch.log(own_total)
+        ctx.save_for_backward(
+            centred, kept, D, E, total, s2, median_at, block_pairs, block_total,
+            E_own, own_total, s2_own, median_own,
+        )  # fmt: skip
+        return H, H_block, H_own
 
     @staticmethod
-    def backward(ctx, grad_H, grad_block):
-        centred, kept, D, E, total, s2, median_at, block_pairs, block_total = ctx.saved_tensors
+    def backward(ctx, grad_H, grad_block, grad_own):
+        (
+            centred, kept, D, E, total, s2, median_at, block_pairs, block_total,
+            E_own, own_total, s2_own, median_own,
+        ) = ctx.saved_tensors  # fmt: skip
         batch, n, _ = centred.shape
         # dH/dE_ij = -1/S; dH_block/dE_ij = -[ij in block]/S_block; here weight = -dL/dE.
         weight = (grad_H / total)[:, None, None]
         if block_pairs is not None:
             weight = weight + (grad_block / block_total)[:, None, None] * block_pairs
-        rate = 1.0 / s2
-        weighted = weight * E
-        grad_D = weighted * rate[:, None, None]  # E = exp(-D rate): dE/dD = -rate E
-        if median_at is not None:
-            # rate = 1 / s2 with s2 = D[median pair]: drate/dD = -rate^2; dE/drate = -D E
-            grad_rate = (weighted * D).sum(dim=(-2, -1))
-            update = torch.where(median_at >= 0, -grad_rate * rate**2, 0.0)
-            grad_D.view(batch, n * n).scatter_add_(
-                1, median_at.clamp_min(0)[:, None], update[:, None]
-            )
+        grad_D = _grad_distances(weight * E, D, s2, median_at)
+        if E_own is not None:
+            weight_own = (grad_own / own_total)[:, None, None]
+            grad_D += _grad_distances(weight_own * E_own, D, s2_own, median_own)
         grad_D.diagonal(dim1=-2, dim2=-1).zero_()
         grad_D.mul_(kept)  # distances at the round-off level are constants (0)
         # D_ij = sq_i + sq_j - 2 <c_i, c_j>: dL/dc = 2 (diag(rowsum(G)) - G) c, G = gD + gD^T.
@@ -207,7 +208,47 @@ class GaussianRenyi2(torch.autograd.Function):
         # this is dL/dZ (the centring's own term sums to zero).
         sym = grad_D + grad_D.mT
         grad_Z = 2.0 * (sym.sum(dim=-1, keepdim=True) * centred - sym @ centred)
-        return grad_Z, None, None, None
+        return grad_Z, None, None, None, None
+
+
+def _upper_values(D: Tensor) -> Tensor:
+    """``[B, n (n - 1) / 2]``: the pairs ``i < j`` of ``D`` ``[B, n, n]``."""
+    rows, cols = _upper_pairs(D.shape[-1], D.device)
+    return D[:, rows, cols]
+
+
+def _median_rate(
+    upper: Tensor | None, pairs: Tensor, n: int, differentiable: bool, D: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """``(s2 [B], median_at)`` of :class:`GaussianRenyi2`: the lower median of the
+    squared distances ``upper`` over ``pairs`` ``[B, n, n]`` (floored; 1 without a pair)
+    and, with a differentiable bandwidth, the flat index of the median pair where it
+    carries the gradient (-1 elsewhere)."""
+    if upper is None:
+        return torch.ones(D.shape[0], dtype=D.dtype, device=D.device), None
+    rows, cols = _upper_pairs(n, D.device)
+    median = torch.nanmedian(upper.masked_fill(~pairs[:, rows, cols], math.nan), dim=-1)
+    has_pair = ~torch.isnan(median.values)
+    s2 = torch.where(has_pair, median.values, 1.0).clamp_min(MIN_MEDIAN_BANDWIDTH**2)
+    if not differentiable:
+        return s2, None
+    # Where the median carries the gradient: a real pair above the floor.
+    carries = has_pair & (median.values >= MIN_MEDIAN_BANDWIDTH**2)
+    return s2, torch.where(carries, rows[median.indices] * n + cols[median.indices], -1)
+
+
+def _grad_distances(weighted: Tensor, D: Tensor, s2: Tensor, median_at: Tensor | None) -> Tensor:
+    """dL/dD ``[B, n, n]`` of ``E = exp(-D / s2)`` given ``weighted = -dL/dE * E``,
+    including the median pair's share through ``s2`` (when ``median_at`` is given)."""
+    batch, n = D.shape[0], D.shape[-1]
+    rate = 1.0 / s2
+    grad_D = weighted * rate[:, None, None]  # E = exp(-D rate): dE/dD = -rate E
+    if median_at is not None:
+        # rate = 1 / s2 with s2 = D[median pair]: drate/dD = -rate^2; dE/drate = -D E
+        grad_rate = (weighted * D).sum(dim=(-2, -1))
+        update = torch.where(median_at >= 0, -grad_rate * rate**2, 0.0)
+        grad_D.view(batch, n * n).scatter_add_(1, median_at.clamp_min(0)[:, None], update[:, None])
+    return grad_D
 
 
 @functools.lru_cache(maxsize=64)
@@ -239,7 +280,7 @@ def _renyi2(
         torch.ones(batch_shape + (n,), dtype=torch.bool, device=Z.device) if mask is None else mask
     ).reshape(-1, n)
     flat_block = None if block is None else block.reshape(-1, n)
-    H, H_block = GaussianRenyi2.apply(
+    H, H_block, _ = GaussianRenyi2.apply(
         Z.reshape(-1, n, d), flat_mask, flat_block, sigma == "median_differentiable"
     )
     return H.reshape(batch_shape), H_block.reshape(batch_shape)
@@ -273,3 +314,34 @@ def proxy_autograd(
     K_joint = gaussian_gram(Z_joint, sigma, mask_joint)
     K_pp = K_joint[..., :n, :n]
     return renyi_entropy_exact(K_joint, alpha, base) - renyi_entropy_exact(K_pp, alpha, base)
+
+
+def proxy_and_entropy_renyi2(
+    Z_joint: Tensor,
+    mask_joint: Tensor | None,
+    prompt: Tensor,
+    own: Tensor,
+    sigma: str,
+    base: float,
+) -> tuple[Tensor, Tensor]:
+    """``(H(K_joint) - H(K_pp), H(K_own))`` ``[...]`` at order 2 with a median bandwidth,
+    differentiable, from one distance matrix per joint sequence ``[..., n + m, d]``:
+    :func:`proxy_autograd` and the entropy of the tokens ``own`` ``[..., n + m]`` with the
+    median of their own pairs (as :func:`entropy_autograd` of those tokens alone, equal to
+    round-off: the distances are centred on the joint mean instead of theirs)."""
+    batch_shape, (n, d) = Z_joint.shape[:-2], Z_joint.shape[-2:]
+    flat_mask = (
+        torch.ones(batch_shape + (n,), dtype=torch.bool, device=Z_joint.device)
+        if mask_joint is None
+        else mask_joint
+    ).reshape(-1, n)
+    joint, prompt_part, own_part = GaussianRenyi2.apply(
+        Z_joint.reshape(-1, n, d),
+        flat_mask,
+        prompt.reshape(-1, n),
+        sigma == "median_differentiable",
+        own.reshape(-1, n),
+    )
+    proxy = (nonnegative(joint) - nonnegative(prompt_part)) / math.log(base)
+    entropy = nonnegative(own_part) / math.log(base)
+    return proxy.reshape(batch_shape), entropy.reshape(batch_shape)
