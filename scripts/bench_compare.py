@@ -38,24 +38,14 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
+import bench_estimators  # noqa: E402  (a sibling script: scripts/ is sys.path[0])
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from unifyreg.estimators import matrix_entropy  # noqa: E402
 from unifyreg.estimators.blocked import torch_kernels_only  # noqa: E402
 
-
-def _load_sibling(name: str):
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_estimators = _load_sibling("bench_estimators")
 FULL_GRID = bench_estimators.FULL_GRID
 QUICK_GRID = bench_estimators.QUICK_GRID
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import math
 import sys
@@ -51,14 +50,6 @@ GiB = 2**30
 GRID = [(n, d) for n in (576, 1152, 2304, 4096) for d in (1024, 2048)]
 QUICK_GRID = [(576, 1024), (2304, 1024)]
 METHODS = ("exact64", "exact32", "chunked64", "slq")
-
-
-def _load_sibling(name: str):
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def call(method: str, Z: torch.Tensor) -> torch.Tensor:
@@ -92,7 +83,8 @@ def timed(fn, repeats: int) -> tuple[float, float, torch.Tensor]:
 
 
 def estimator_table(grid, repeats: int) -> list[dict]:
-    approx = _load_sibling("bench_estimators_approx")
+    import bench_estimators_approx as approx  # a sibling script: scripts/ is sys.path[0]
+
     layers = list(range(approx.TOTAL_LAYERS))
     print(
         "| n | d | exact f64 (s, 24 layers) | exact f64 peak (MB) | exact f32 (s) "
@@ -133,10 +125,11 @@ def estimator_table(grid, repeats: int) -> list[dict]:
 
 def probe_table(prompts: int, batch_size: int, prompt_words: int) -> list[dict]:
     """The whole-model probe on the GPU, model in float32 and bfloat16."""
+    import bench_probe as bench  # a sibling script
+
     from unifyreg.config import ProbeConfig
     from unifyreg.probing import run_probe
 
-    bench = _load_sibling("bench_probe")
     rows = []
     print(
         "\n| model dtype | prompts | batch | seconds per probe | forward share "

@@ -29,10 +29,8 @@ for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -50,14 +48,6 @@ PROMPT_WORDS = 600
 GRID = 8
 
 
-def _load_sibling(name: str):
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build(size: str, batch: int, steps: int):
     """``(adapter, batches)`` for one size."""
     from unifyreg.adapters.toy import ToyAdapter
@@ -71,7 +61,8 @@ def build(size: str, batch: int, steps: int):
         batches = [adapter.encode(train[i * 32 : (i + 1) * 32]) for i in range(steps)]
         return adapter, batches
     layers, hidden, heads, mlp = SIZES[size]
-    bench_probe = _load_sibling("bench_probe")
+    import bench_probe  # a sibling script: scripts/ is sys.path[0]
+
     spec = dict(
         grid=GRID,
         hidden=hidden,
