@@ -11,7 +11,9 @@ One training step = forward + backward + AdamW step (LoRA off) of a toy-architec
   set of ``scripts/bench_probe.py``: text -> 8-word text, text -> 8 x 8 image, image +
   text -> word, in turn, so every batch of 3 holds both modalities on both sides).
 
-Variants: ``baseline`` (task loss), ``+ L_ctx`` (``LossConfig(w_ctx=1)``: defaults),
+Variants: ``baseline`` (task loss), ``+ L_ctx`` (``LossConfig(w_ctx=1)``: defaults, the
+second pass after the main pass's shared prefix), ``+ L_ctx (full second pass)``
+(``ctx_reuse_prefix=False``: the second pass over the whole sequence, as before),
 ``+ L_div`` (``LossConfig(w_div=1)``: defaults, alpha 2, all layers, float32). Every round
 runs one step of each variant in turn (the order rotates), ``--rounds`` rounds after one
 warm-up round; the overhead is ``median(variant) / median(baseline) - 1``. One thread
@@ -35,13 +37,14 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from unifyreg.config import LossConfig  # noqa: E402
-from unifyreg.losses import ContextualPredictionLoss  # noqa: E402
+from unifyreg.losses import ContextualPredictionLoss, forward_with_terms  # noqa: E402
 
 #: size -> (layers, hidden, heads, MLP width); None = the default toy model.
 SIZES = {"toy": None, "8x512": (8, 512, 8, 1408), "24x1024": (24, 1024, 16, 2816)}
 VARIANTS = {
     "baseline": None,
     "+ L_ctx (defaults)": LossConfig(w_ctx=1.0),
+    "+ L_ctx (full second pass)": LossConfig(w_ctx=1.0, ctx_reuse_prefix=False),
     "+ L_div (defaults)": LossConfig(w_div=1.0),
 }
 PROMPT_WORDS = 600
@@ -84,11 +87,9 @@ def make_step(adapter, config: LossConfig | None):
     hidden = bool(term and term.needs_hidden_states)
 
     def step(batch):
-        out = adapter.forward(batch, output_hidden_states=hidden)
-        loss = out.task_loss
-        if term is not None:
-            extra, _ = term(adapter, batch, out, step=10**6)
-            loss = loss + extra
+        terms = [term] if term is not None else []
+        out, extra, _ = forward_with_terms(adapter, batch, terms, 10**6, hidden)
+        loss = out.task_loss + extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -67,3 +67,57 @@ def tiny_base_overrides(tmp_path_factory):
     overrides = [*TINY_PRETRAIN, f"cache_dir={tmp_path_factory.mktemp('toy-cache')}"]
     build_toy_base(load_config(PretrainToyConfig, None, overrides), log=lambda *_: None)
     return [f"pretrain.{item}" for item in overrides]
+
+
+def reuse_matches_full_pass(make_adapter, examples, mode, rtol=1e-5, atol=1e-7):
+    """L_ctx through the main pass's shared prefix against the full second pass, on fresh
+    adapters from ``make_adapter()`` with the same seeds: equal losses, token counts and
+    gradients (``rtol``/``atol``), and a second pass that really was shorter. Returns the
+    two passes' input lengths with reuse (``[main, second]``)."""
+    import functools
+
+    from unifyreg.config import LossConfig
+    from unifyreg.losses import ContextualPredictionLoss, forward_with_terms
+
+    results = {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        adapter = make_adapter()
+        batch = adapter.training_batch(adapter.encode(examples))
+        config = LossConfig(w_ctx=1.0, ctx_mode=mode, ctx_row_fraction=1.0, ctx_reuse_prefix=reuse)
+        term = ContextualPredictionLoss(config, adapter.mask_width, seed=3)
+        term.to(dtype=next(adapter.model.parameters()).dtype)
+        lengths = []
+        layers = (
+            adapter.base_model.get_decoder() if hasattr(adapter.base_model, "get_decoder") else None
+        )
+        target = getattr(adapter, "language_model", None) or layers or adapter.model
+        original = target.forward
+
+        @functools.wraps(original)
+        def spy(*args, _original=original, _lengths=lengths, **kwargs):
+            _lengths.append(int(kwargs["inputs_embeds"].shape[1]))
+            return _original(*args, **kwargs)
+
+        target.forward = spy
+        out, extra, logs = forward_with_terms(adapter, batch, [term], step=0)
+        (out.task_loss + extra).backward()
+        grads = [p.grad for p in adapter.model.parameters() if p.requires_grad]
+        results[reuse] = (
+            logs,
+            [torch.zeros(()) if g is None else g for g in grads],
+            [term.mask_embedding.grad],
+            lengths,
+        )
+    (full_logs, full_grads, full_mask, full_lengths) = results[False]
+    (logs, grads, mask, lengths) = results[True]
+    assert len(lengths) == len(full_lengths) == 2 and lengths[1] < full_lengths[1], (
+        lengths,
+        full_lengths,
+    )
+    assert int(logs["loss/ctx_tokens"]) == int(full_logs["loss/ctx_tokens"]) > 0
+    torch.testing.assert_close(logs["loss/ctx"], full_logs["loss/ctx"], rtol=rtol, atol=0)
+    assert mask[0].abs().sum() > 0
+    for reused, full in zip(grads + mask, full_grads + full_mask, strict=True):
+        torch.testing.assert_close(reused, full, rtol=rtol, atol=atol)
+    return lengths

@@ -338,3 +338,17 @@ def test_finetune_command_runs_one_lora_epoch(checkpoint, tmp_path):
     assert (run_dir / "lora" / "adapter_config.json").is_file()
     header = next((run_dir / "logs").glob("version_*/metrics.csv")).read_text().splitlines()[0]
     assert "loss/ctx" in header and "loss/div" in header and "unify/encoding_gap" in header
+
+
+def test_ctx_through_the_shared_prefix_equals_the_full_second_pass(checkpoint):
+    """L_ctx after the main pass's prompt, with GLM-Image's 3-D positions cut at the prefix
+    (an edit row holds an image prompt before its response)."""
+    from conftest import reuse_matches_full_pass
+
+    reuse_matches_full_pass(
+        lambda: GlmImageAdapter.load(checkpoint),
+        [_t2i(), _edit(), _t2i()],
+        "bidirectional",
+        rtol=1e-4,
+        atol=1e-6,
+    )

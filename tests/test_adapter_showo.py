@@ -600,3 +600,16 @@ def test_finetune_command_runs_one_lora_epoch_on_the_masked_objective(checkpoint
     assert all(
         np.isfinite(float(r["loss/ctx"])) and np.isfinite(float(r["loss/div"])) for r in rows
     )
+
+
+def test_ctx_through_the_shared_prefix_equals_the_full_second_pass(checkpoint):
+    """L_ctx after the main pass's prompt under Show-o's omni attention (its 4-D mask)."""
+    from conftest import reuse_matches_full_pass
+
+    examples = [
+        *_examples(),
+        ManifestExample("c", "a much longer prompt here", response_image=_codes(9)),
+    ]
+    reuse_matches_full_pass(
+        lambda: ShowoAdapter.load(checkpoint), examples, "bidirectional", rtol=1e-4, atol=1e-6
+    )

@@ -514,3 +514,22 @@ def test_masked_positions_score_each_masked_image_position_itself(family, checkp
         logits, labels = adapter.lm_head(final[b, t]), batch["input_ids"][b, t]
     torch.testing.assert_close(out.image_loss, torch.nn.functional.cross_entropy(logits, labels))
     assert int(out.image_tokens) == int(masked.sum()) > 0
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+def test_ctx_through_the_shared_prefix_equals_the_full_second_pass(family, checkpoints, mode):
+    """L_ctx's second pass after the main pass's prompt (unifyreg.adapters.prefix): the
+    same loss and gradients as the full second pass, in a shorter pass."""
+    from conftest import reuse_matches_full_pass
+
+    examples = [
+        *_examples(),
+        ManifestExample("c", "draw a much larger cat", response_image=_image(2)),
+    ]
+    reuse_matches_full_pass(
+        lambda: FAMILIES[family][0].load(checkpoints[family], dtype="float32"),
+        examples,
+        mode,
+        rtol=1e-4,
+        atol=1e-6,
+    )

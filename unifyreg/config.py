@@ -434,6 +434,10 @@ class LossConfig(Section):
       share per image);
     - ``ctx_row_fraction``: ``L_ctx`` runs on at most ``ceil(ctx_row_fraction * B)`` of
       the batch's rows that hold image responses, drawn each step, in (0, 1];
+    - ``ctx_reuse_prefix``: ``L_ctx``'s second pass takes the keys and values of the
+      positions before the first masked image input from the main pass and runs only the
+      rest (default true; adapters with ``supports_prefix_reuse``; the same loss and
+      gradient up to rounding, :mod:`unifyreg.adapters.prefix`); false runs it in full;
     - ``div_alpha``: Renyi order of ``L_div`` (2 = Frobenius, no eigendecomposition);
     - ``div_layers``: layers ``L_div`` compares (empty = all; 0 = input embeddings);
     - ``div_parts``: which trajectories ``L_div`` aligns: ``encoding`` (text vs image
@@ -459,6 +463,7 @@ class LossConfig(Section):
     ctx_mode: Literal["causal", "bidirectional"] = "bidirectional"
     mask_ratio: float = 0.5
     ctx_row_fraction: float = 0.125
+    ctx_reuse_prefix: bool = True
     div_alpha: float = 2.0
     div_layers: list[int] = field(default_factory=list)
     div_parts: list[Literal["encoding", "response"]] = field(

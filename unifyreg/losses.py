@@ -40,6 +40,13 @@ that hold image-response tokens (the others would contribute nothing), at most
 ``ceil(ctx_row_fraction * B)`` of them drawn at random each step, with the padding
 columns no kept row needs trimmed. The mean over image targets stays an unbiased
 estimate; ``ctx_row_fraction = 1`` scores every image row of the batch.
+With ``ctx_reuse_prefix`` (the default) and an adapter that ``supports_prefix_reuse``, the
+rows and masks are drawn before the main pass (:meth:`ContextualPredictionLoss.plan`), the
+main pass records the keys and values of the kept rows' shared prefix (the positions before
+their first image response, cut where the two passes' attention masks part:
+:func:`unifyreg.adapters.base.shared_prefix_length`), and the second pass runs only after
+it (:mod:`unifyreg.adapters.prefix`): the same loss and gradients, without recomputing the
+prompt. :func:`forward_with_terms` runs the main pass and the terms this way.
 
 **Cross-modal divergence** ``L_div`` — on the batch's own hidden states, at the layers
 ``div_layers``, with the probe's quantities (:func:`unifyreg.quantities.batch_quantities`,
@@ -67,6 +74,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -74,15 +82,24 @@ from torch import Tensor, nn
 from unifyreg.adapters.base import (
     Adapter,
     ForwardOutput,
+    PrefixRequest,
+    allowed_attention,
     cosine_masked_positions,
     fraction_layers,
     select_rows,
+    shared_prefix_length,
 )
 from unifyreg.config import LossConfig
 from unifyreg.quantities import PAIRS, align_by_depth, batch_quantities
 from unifyreg.roles import Role
 
-__all__ = ["ContextualPredictionLoss", "divergence_loss", "stack_divergence_loss"]
+__all__ = [
+    "ContextPlan",
+    "ContextualPredictionLoss",
+    "forward_with_terms",
+    "divergence_loss",
+    "stack_divergence_loss",
+]
 
 
 def divergence_loss(
@@ -189,6 +206,38 @@ def stack_divergence_loss(
     return total, used
 
 
+@dataclass(frozen=True)
+class ContextPlan:
+    """One step's draw for ``L_ctx``: the sub-batch it runs on (with ``masked_positions`` in
+    the bidirectional mode), the masked inputs ``[b, S]`` bool, the batch rows it took
+    (ascending), and the prefix the main pass should record for it (None: the second pass
+    runs in full)."""
+
+    sub_batch: dict
+    masked: Tensor
+    rows: Tensor
+    prefix: PrefixRequest | None
+
+
+def _cut_rows(adapter: Adapter | None, batch: dict, rows: Tensor) -> dict:
+    cut = getattr(adapter, "select_rows", None)
+    return cut(batch, rows) if callable(cut) else select_rows(batch, rows)
+
+
+def _shared_prefix(batch: dict, rows: Tensor, sub_batch: dict) -> int:
+    """How many leading positions of ``sub_batch`` the main pass over ``batch`` computes
+    exactly as the second pass would (:func:`unifyreg.adapters.prefix.shared_prefix_length`)."""
+    length = sub_batch["roles"].shape[1]
+    main_rows = {
+        key: batch[key][rows]
+        for key in ("roles", "attention_mask", "attention_mask_4d")
+        if key in batch
+    }
+    main = allowed_attention(main_rows, length, masked_prediction="masked_positions" in batch)
+    second = allowed_attention(sub_batch, masked_prediction="masked_positions" in sub_batch)
+    return shared_prefix_length(main, second, sub_batch["roles"])
+
+
 def _generation_roles(adapter: Adapter | None, batch: dict) -> Tensor:
     """``adapter.generation_roles(batch)``, or the batch's ``roles`` for an adapter (or a
     duck-typed stand-in) without one."""
@@ -238,13 +287,7 @@ class ContextualPredictionLoss(nn.Module):
             return base
         return base * min(1.0, step / self.config.warmup_steps)
 
-    def context_rows(self, batch: dict, adapter: Adapter | None = None) -> dict | None:
-        """The sub-batch ``L_ctx`` runs on (see the module docstring), or None when the
-        batch has no image-response token. Rows keep their batch order. With an
-        ``adapter``, image rows are found in its ``generation_roles`` and cut by its
-        ``select_rows`` (a two-stage model's denoiser sequence); without, in ``roles``,
-        right-padded columns trimmed (:func:`unifyreg.adapters.base.select_rows`)."""
-        roles = _generation_roles(adapter, batch)
+    def _context_row_indices(self, roles: Tensor) -> Tensor | None:
         size = roles.shape[0]
         has_image = torch.nonzero((roles == int(Role.IMAGE_RESPONSE)).any(dim=1)).flatten()
         if has_image.numel() == 0:
@@ -253,19 +296,33 @@ class ContextualPredictionLoss(nn.Module):
         if has_image.numel() > keep:
             order = torch.randperm(has_image.numel(), generator=self._generator)
             has_image = has_image[order[:keep]].sort().values
-        has_image = has_image.to(batch["roles"].device)
-        cut = getattr(adapter, "select_rows", None)
-        return cut(batch, has_image) if callable(cut) else select_rows(batch, has_image)
+        return has_image
 
-    def contextual_prediction(self, adapter: Adapter, batch: dict) -> tuple[Tensor, Tensor]:
-        """``(L_ctx, image tokens scored)`` with a fresh random mask of image inputs, on
-        :meth:`context_rows` of the batch."""
-        sub_batch = self.context_rows(batch, adapter)
-        if sub_batch is None:
-            zero = self.mask_embedding.new_zeros(())
-            return zero, torch.zeros((), dtype=torch.long)
-        batch = dict(sub_batch)
-        roles = _generation_roles(adapter, batch)
+    def context_rows(self, batch: dict, adapter: Adapter | None = None) -> dict | None:
+        """The sub-batch ``L_ctx`` runs on (see the module docstring), or None when the
+        batch has no image-response token. Rows keep their batch order. With an
+        ``adapter``, image rows are found in its ``generation_roles`` and cut by its
+        ``select_rows`` (a two-stage model's denoiser sequence); without, in ``roles``,
+        right-padded columns trimmed (:func:`unifyreg.adapters.base.select_rows`)."""
+        rows = self._context_row_indices(_generation_roles(adapter, batch))
+        if rows is None:
+            return None
+        return _cut_rows(adapter, batch, rows.to(batch["roles"].device))
+
+    def plan(self, adapter: Adapter, batch: dict) -> ContextPlan | None:
+        """This step's draw for ``L_ctx`` on ``batch`` (rows, then masks, from the term's
+        own generator), made before the main forward pass so that it can record the shared
+        prefix (``plan.prefix``: pass it as the main pass's ``record_prefix``); None when
+        ``L_ctx`` is off or the batch has no image-response token. ValueError when
+        ``ctx_mode`` does not suit the adapter."""
+        if self.config.w_ctx <= 0:
+            return None
+        rows = self._context_row_indices(_generation_roles(adapter, batch))
+        if rows is None:
+            return None
+        rows = rows.to(batch["roles"].device)
+        sub_batch = dict(_cut_rows(adapter, batch, rows))
+        roles = _generation_roles(adapter, sub_batch)
         if self.config.ctx_mode == "bidirectional":
             if not getattr(adapter, "supports_masked_prediction", False):
                 raise ValueError(
@@ -274,7 +331,7 @@ class ContextualPredictionLoss(nn.Module):
                     "loss.ctx_mode=causal"
                 )
             masked = cosine_masked_positions(roles.cpu(), generator=self._generator)
-            batch["masked_positions"] = masked.to(roles.device)
+            sub_batch["masked_positions"] = masked.to(roles.device)
         else:
             objective = getattr(adapter, "image_objective", "next_token")
             if objective != "next_token":
@@ -284,28 +341,63 @@ class ContextualPredictionLoss(nn.Module):
                     f"{adapter.name!r} predicts {what}: use loss.ctx_mode=bidirectional"
                 )
             # Next-token targets: a family objective's own masking does not apply here.
-            batch.pop("masked_positions", None)
+            sub_batch.pop("masked_positions", None)
             draw = torch.rand(roles.shape, generator=self._generator)
             masked = (roles.cpu() == int(Role.IMAGE_RESPONSE)) & (draw < self.config.mask_ratio)
+        prefix = None
+        if self.config.ctx_reuse_prefix and getattr(adapter, "supports_prefix_reuse", False):
+            length = _shared_prefix(batch, rows, sub_batch)
+            prefix = PrefixRequest(rows, length) if length > 0 else None
+        return ContextPlan(sub_batch, masked, rows, prefix)
+
+    def contextual_prediction(
+        self,
+        adapter: Adapter,
+        batch: dict,
+        output: ForwardOutput | None = None,
+        plan: ContextPlan | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(L_ctx, image tokens scored)`` with a fresh random mask of image inputs, on
+        :meth:`context_rows` of the batch, or on ``plan`` (:meth:`plan`) when given. When
+        ``output`` (the main pass) holds the plan's recorded prefix, the second pass runs
+        after it only (:mod:`unifyreg.adapters.prefix`)."""
+        if plan is None:
+            plan = self.plan(adapter, batch)
+        if plan is None:
+            zero = self.mask_embedding.new_zeros(())
+            return zero, torch.zeros((), dtype=torch.long)
+        masked = plan.masked
 
         def hook(embeds: Tensor, _batch: dict) -> Tensor:
             where = masked.to(embeds.device).unsqueeze(-1)
             return torch.where(where, self.mask_embedding.to(embeds.dtype), embeds)
 
-        out = adapter.forward(batch, output_hidden_states=False, embedding_hook=hook)
+        extra = {}
+        states = getattr(output, "prefix_states", None)
+        if plan.prefix is not None and states is not None and states.matches(plan.prefix):
+            extra["prefix"] = states
+        out = adapter.forward(
+            plan.sub_batch, output_hidden_states=False, embedding_hook=hook, **extra
+        )
         return out.image_loss, out.image_tokens
 
     def forward(
-        self, adapter: Adapter, batch: dict, output: ForwardOutput, step: int
+        self,
+        adapter: Adapter,
+        batch: dict,
+        output: ForwardOutput,
+        step: int,
+        plan: ContextPlan | None = None,
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """``(w_ctx(step) * L_ctx + w_div(step) * L_div, logs)``: the weighted terms to add to
         the task loss of ``output`` (a term that is off, or has nothing to score, adds 0),
-        and ``loss/ctx``, ``loss/ctx_tokens``, ``loss/div``, ``loss/div_parts`` (unweighted)."""
+        and ``loss/ctx``, ``loss/ctx_tokens``, ``loss/div``, ``loss/div_parts`` (unweighted).
+        ``plan``: this step's :meth:`plan`, drawn before the main pass (None: drawn here)."""
         cfg = self.config
         total = output.task_loss.new_zeros(())
         logs: dict[str, Tensor | float] = {}
         if cfg.w_ctx > 0:
-            ctx, tokens = self.contextual_prediction(adapter, batch)
+            ctx, tokens = self.contextual_prediction(adapter, batch, output, plan)
             if tokens > 0 and torch.isfinite(ctx):
                 total = total + self.weight(cfg.w_ctx, step) * ctx
             else:  # no image token, or a non-finite value: the term adds 0 and says so
@@ -341,3 +433,34 @@ class ContextualPredictionLoss(nn.Module):
             logs["loss/div"] = div.detach()
             logs["loss/div_parts"] = float(used)
         return total, logs
+
+
+def forward_with_terms(
+    adapter: Adapter,
+    batch: dict,
+    terms: Sequence,
+    step: int,
+    output_hidden_states: bool = False,
+) -> tuple[ForwardOutput, Tensor, dict]:
+    """The main forward pass and the loss terms on it -> ``(output, sum of the terms'
+    weighted losses, their logs)``; the caller adds the task loss.
+
+    Each term is ``term(adapter, batch, output, step) -> (loss, logs)``. A term with a
+    ``plan(adapter, batch)`` method (:class:`ContextualPredictionLoss`) draws before the
+    main pass and is called with ``plan=``; the first plan with a ``prefix`` becomes the
+    main pass's ``record_prefix`` when the adapter ``supports_prefix_reuse``, so that the
+    term's own pass starts after the shared prefix (:mod:`unifyreg.adapters.prefix`)."""
+    plans = [term.plan(adapter, batch) if hasattr(term, "plan") else None for term in terms]
+    record = None
+    if getattr(adapter, "supports_prefix_reuse", False):
+        record = next((p.prefix for p in plans if p is not None and p.prefix is not None), None)
+    extra = {"record_prefix": record} if record is not None else {}
+    output = adapter.forward(batch, output_hidden_states=output_hidden_states, **extra)
+    total: Tensor = output.text_loss.new_zeros(())
+    logs: dict = {}
+    for term, plan in zip(terms, plans, strict=True):
+        planned = {"plan": plan} if hasattr(term, "plan") else {}
+        loss, term_logs = term(adapter, batch, output, step, **planned)
+        total = total + loss
+        logs.update(term_logs)
+    return output, total, logs

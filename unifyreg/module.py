@@ -5,7 +5,9 @@ DataLoader's ``collate_fn``), ``adapter.training_batch`` applies the family's ow
 to each training batch (Show-o's masked image codes), ``adapter.forward`` returns the task
 losses. Extra loss terms
 (the contextual-prediction regularizer) plug in through ``loss_terms``: callables
-``term(adapter, batch, output, step) -> (weighted_loss, logs)``.
+``term(adapter, batch, output, step) -> (weighted_loss, logs)``, run with the main pass by
+:func:`unifyreg.losses.forward_with_terms` (a term may draw before the pass and have it
+keep a prefix for its own pass).
 
 Logged every step: ``loss/total``, ``loss/task``, ``loss/text``, ``loss/image``,
 ``tokens/text``, ``tokens/image``, ``loss/skipped_steps``; once at the start of
@@ -40,6 +42,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from unifyreg.adapters.base import Adapter, ForwardOutput
 from unifyreg.config import LoraSettings, OptimConfig
+from unifyreg.losses import forward_with_terms
 
 __all__ = [
     "EpochRandomSampler",
@@ -136,7 +139,9 @@ class UMMModule(L.LightningModule):
         # with the global random state that checkpoints save; the loss terms see the result.
         batch = self.adapter.training_batch(batch)
         want_hidden = self.hidden_states_for_terms and bool(self.loss_terms)
-        out = self.adapter.forward(batch, output_hidden_states=want_hidden)
+        out, extra, term_logs = forward_with_terms(
+            self.adapter, batch, self.loss_terms, int(self.global_step), want_hidden
+        )
         loss = out.weighted_task_loss(self.text_weight, self.image_weight)
         batch_size = int(batch["roles"].shape[0])
         logs: dict[str, Any] = {
@@ -146,12 +151,8 @@ class UMMModule(L.LightningModule):
             "tokens/text": out.text_tokens.float(),
             "tokens/image": out.image_tokens.float(),
         }
-        for term in self.loss_terms:
-            extra, term_logs = term(self.adapter, batch, out, self.global_step)
-            loss = loss + extra
-            logs.update(
-                {k: v.detach() if isinstance(v, Tensor) else v for k, v in term_logs.items()}
-            )
+        loss = loss + extra
+        logs.update({k: v.detach() if isinstance(v, Tensor) else v for k, v in term_logs.items()})
         logs["loss/total"] = loss.detach()
         self._step_losses = {k: v for k, v in logs.items() if k.startswith("loss/")}
         self.log_dict(logs, prog_bar=False, batch_size=batch_size)

@@ -85,12 +85,16 @@ __all__ = [
     "ForwardOutput",
     "HiddenStack",
     "LayerStack",
+    "PrefixRequest",
+    "PrefixStates",
+    "allowed_attention",
     "capture_hidden_states",
     "fraction_layers",
     "cosine_masked_positions",
     "model_attention_mask",
     "omni_attention_mask",
     "select_rows",
+    "shared_prefix_length",
 ]
 
 #: Roles of image positions (prompt or response).
@@ -195,7 +199,9 @@ class ForwardOutput:
     - ``depth``: L, the number of blocks of the primary stack (None: not given; layer ``l``
       sits at depth fraction ``l / L``); ``stack_name``: the primary stack's name;
     - ``extra_stacks``: further :class:`HiddenStack` entries (a two-stage model's denoiser),
-      each serving the quantities it names; the primary stack serves the others.
+      each serving the quantities it names; the primary stack serves the others;
+    - ``prefix_states``: the keys and values a ``record_prefix`` request asked for
+      (:class:`unifyreg.adapters.prefix.PrefixStates`), or ``None``.
 
     ``task_loss`` is :meth:`weighted_task_loss` with the family's default weights: for
     ``ce`` the token-weighted mean ``(text_loss * text_tokens + image_loss * image_tokens) /
@@ -219,6 +225,7 @@ class ForwardOutput:
     depth: int | None = None
     stack_name: str = "main"
     extra_stacks: tuple[HiddenStack, ...] = ()
+    prefix_states: PrefixStates | None = None
 
     def __init__(
         self,
@@ -235,7 +242,9 @@ class ForwardOutput:
         depth: int | None = None,
         stack_name: str = "main",
         extra_stacks: Sequence[HiddenStack] = (),
+        prefix_states: PrefixStates | None = None,
     ) -> None:
+        self.prefix_states = prefix_states
         if hidden_states is None:
             self.hidden_layers = None
         elif isinstance(hidden_states, Tensor):
@@ -514,6 +523,88 @@ def model_attention_mask(
     return batch["attention_mask"].to(device)
 
 
+# ---------------------------------------------------------------------- prefix reuse
+
+
+@dataclass(frozen=True)
+class PrefixRequest:
+    """Ask a forward pass to keep the keys and values of positions ``[0, length)`` of the
+    batch rows ``rows`` (int64 indices, ascending)."""
+
+    rows: Tensor
+    length: int
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"a prefix needs at least one position, got length {self.length}")
+
+
+@dataclass(frozen=True)
+class PrefixStates:
+    """What a pass with a :class:`PrefixRequest` recorded: per attention layer, ``(keys,
+    values)`` of shape ``[len(rows), heads, length, head_dim]`` (parts of the main pass's
+    graph, so gradients flow into it)."""
+
+    rows: Tensor
+    length: int
+    layers: tuple[tuple[Tensor, Tensor], ...]
+
+    def matches(self, request: PrefixRequest) -> bool:
+        """Whether these states answer ``request`` (same rows, same length)."""
+        return (
+            self.length == request.length
+            and self.rows.shape == request.rows.shape
+            and bool(torch.equal(self.rows.cpu(), request.rows.cpu()))
+        )
+
+
+def allowed_attention(
+    batch: dict[str, Tensor], length: int | None = None, *, masked_prediction: bool
+) -> Tensor:
+    """``[B, S, S]`` bool: which key each query may attend to, as
+    :func:`unifyreg.adapters.base.model_attention_mask` builds it for ``batch`` (its
+    ``attention_mask_4d``; else the omni mask when ``masked_prediction``; else causal
+    with padding keys blocked), cut to the first ``length`` positions when given."""
+    roles = batch["roles"]
+    size = roles.shape[1] if length is None else length
+    if "attention_mask_4d" in batch:
+        mask = batch["attention_mask_4d"][:, 0, :size, :size]
+        return mask == 0
+    padding = batch["attention_mask"][:, :size].bool()
+    if masked_prediction:
+        return omni_attention_mask(roles[:, :size], padding.long(), torch.float32)[:, 0] == 0
+    causal = torch.ones(size, size, dtype=torch.bool, device=roles.device).tril()
+    return causal[None] & padding[:, None, :]
+
+
+def shared_prefix_length(main_allowed: Tensor, second_allowed: Tensor, second_roles: Tensor) -> int:
+    """The longest prefix ``s`` the second pass can take from the main pass: ``s <= p - 1``
+    for ``p`` the first image-response position of any row of ``second_roles`` ``[b, S]``,
+    and every query ``q < s`` has the same allowed keys in ``main_allowed`` and
+    ``second_allowed`` (``[b, S, S]`` bool over the second pass's rows and length) and
+    attends to no key at or after ``s``. 0 when there is none."""
+    is_image = second_roles == IMAGE_ROLES[1]
+    has = is_image.any(dim=1)
+    if not bool(has.all()):
+        return 0
+    first = int(is_image.int().argmax(dim=1).min())
+    limit = first - 1
+    if limit < 1:
+        return 0
+    main, second = main_allowed[:, :limit], second_allowed[:, :limit]
+    agree = (main == second).all(dim=-1).all(dim=0)  # [limit]: per query
+    if not bool(agree.all()):
+        limit = int((~agree).int().argmax())
+        if limit < 1:
+            return 0
+    keys = torch.arange(main.shape[-1], device=main.device)
+    reach = torch.where(main[:, :limit], keys, -1).amax(dim=(0, 2))  # [limit]
+    furthest = torch.cummax(reach, dim=0).values
+    fits = furthest < torch.arange(1, limit + 1, device=furthest.device)
+    valid = torch.nonzero(fits).flatten()
+    return int(valid.max()) + 1 if valid.numel() else 0
+
+
 # ---------------------------------------------------------------------- the protocol
 
 
@@ -539,6 +630,9 @@ class Adapter(abc.ABC):
     #: Whether ``forward`` honours ``masked_positions`` (masked prediction, omni attention):
     #: what the bidirectional ``L_ctx`` needs.
     supports_masked_prediction: bool = False
+    #: Whether ``forward`` takes ``record_prefix`` and ``prefix`` (:mod:`.prefix`): keep a
+    #: prefix's keys and values in one pass and start a second pass after it.
+    supports_prefix_reuse: bool = False
     #: The family's layer list and final norm, as paths from :attr:`base_model`.
     layer_stack: LayerStack
     save_merged_after_finetune: bool = False

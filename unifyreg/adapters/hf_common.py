@@ -60,10 +60,13 @@ from unifyreg.adapters.base import (
     EmbeddingHook,
     ForwardOutput,
     LayerStack,
+    PrefixRequest,
+    PrefixStates,
     cache_argument,
     model_attention_mask,
     output_cache,
 )
+from unifyreg.adapters.prefix import PrefixPass
 from unifyreg.images import as_rgb_image
 from unifyreg.roles import Role
 
@@ -261,6 +264,7 @@ class TransformersAdapter(Adapter):
     #: ``"masked"`` (none: only masked positions are ever scored; Show-o).
     image_objective: str = "next_token"
     supports_masked_prediction = True
+    supports_prefix_reuse = True
     #: Vocabulary id whose embedding replaces the inputs at ``masked_positions`` (None: the
     #: family has none, and masked positions need an embedding hook).
     mask_token_id: int | None = None
@@ -585,9 +589,16 @@ class TransformersAdapter(Adapter):
         keep_logits: bool = False,
         embedding_hook: EmbeddingHook | None = None,
         final_norm: bool = FINAL_NORM_DEFAULT,
+        *,
+        record_prefix: PrefixRequest | None = None,
+        prefix: PrefixStates | None = None,
     ) -> ForwardOutput:
         """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract and the
-        module docstring for ``attention_mask_4d`` and ``masked_positions``."""
+        module docstring for ``attention_mask_4d`` and ``masked_positions``.
+
+        ``record_prefix`` / ``prefix``: keep a prefix's keys and values, or run only the
+        positions after a kept prefix (:mod:`unifyreg.adapters.prefix`; the losses then
+        cover the targets after it, ``logits`` the positions after it; no hidden states)."""
         device = self.device
         chosen = self.resolve_layers(layers)
         masked = batch.get("masked_positions")
@@ -601,32 +612,41 @@ class TransformersAdapter(Adapter):
         if embedding_hook is not None:
             embeds = embedding_hook(embeds, batch)
         attention_mask = model_attention_mask(batch, device, embeds.dtype)
-        with self.capture(chosen, output_hidden_states, final_norm) as captured:
+        run = PrefixPass(self.language_model, record_prefix, prefix, output_hidden_states, layers)
+        start = run.start
+        embeds, attention_mask, positions = run.cut(
+            embeds, attention_mask, self._position_arguments(batch)
+        )
+        with self.capture(chosen, output_hidden_states and prefix is None, final_norm) as captured:
             out = self.language_model(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
-                use_cache=False,
-                **self._position_arguments(batch),
+                **run.model_kwargs(),
+                **positions,
             )
-        final = out.last_hidden_state
-        # Position t predicts token t + 1, so a target at t >= 1 is scored from t - 1.
+        run.check(embeds.shape[1])
+        final = out.last_hidden_state  # positions [start, S)
+        # Position t predicts token t + 1, so a target at t >= 1 is scored from t - 1; after
+        # a prefix, only targets whose scoring position lies after it.
         kinds = batch["target_kind"].to(device).clone()
-        kinds[:, 0] = TARGET_NONE
+        kinds[:, : start + 1] = TARGET_NONE
         text_positions = torch.nonzero(kinds == TARGET_TEXT)
         b, t = text_positions.unbind(-1)
-        text_logits = self.lm_head(final[b, t - 1])
+        text_logits = self.lm_head(final[b, t - 1 - start])
         text_labels = batch["input_ids"].to(device)[b, t]
         if masked is not None:  # masked prediction: each masked position predicts itself
-            image_positions = torch.nonzero(masked.to(device).bool())
+            scored = masked.to(device).bool().clone()
+            scored[:, :start] = False  # (the prefix holds no image response)
+            image_positions = torch.nonzero(scored)
             b, t = image_positions.unbind(-1)
-            image_hidden = final[b, t]
+            image_hidden = final[b, t - start]
         else:
             if self.image_objective == "next_token":
                 image_positions = torch.nonzero(kinds == TARGET_IMAGE)
             else:  # a masked-prediction family scores masked positions only
                 image_positions = kinds.new_zeros((0, 2))
             b, t = image_positions.unbind(-1)
-            image_hidden = final[b, t - 1]
+            image_hidden = final[b, t - 1 - start]
         image_logits, image_labels = self._image_logits(image_hidden, batch, image_positions)
         text_loss, text_tokens = _mean_cross_entropy(text_logits, text_labels)
         image_loss, image_tokens = _mean_cross_entropy(image_logits, image_labels)
@@ -639,6 +659,7 @@ class TransformersAdapter(Adapter):
             image_loss=image_loss,
             image_tokens=image_tokens,
             logits=self.lm_head(final) if keep_logits else None,
+            prefix_states=run.states(self.num_layers),
         )
 
     # ------------------------------------------------------------------ generation

@@ -67,12 +67,15 @@ from unifyreg.adapters.base import (
     EmbeddingHook,
     ForwardOutput,
     LayerStack,
+    PrefixRequest,
+    PrefixStates,
     cache_argument,
     cosine_masked_positions,
     model_attention_mask,
     omni_attention_mask,
     output_cache,
 )
+from unifyreg.adapters.prefix import PrefixPass
 from unifyreg.roles import Role
 from unifyreg.toy.model import ToyModelConfig
 from unifyreg.toy.tokenizer import WordTokenizer
@@ -121,6 +124,7 @@ class ToyAdapter(Adapter):
     layer_stack = LayerStack(blocks="model.layers", final_norm="model.norm")
     save_merged_after_finetune = True
     supports_masked_prediction = True
+    supports_prefix_reuse = True
 
     @property
     def image_objective(self) -> str:  # type: ignore[override]
@@ -340,8 +344,18 @@ class ToyAdapter(Adapter):
         keep_logits: bool = False,
         embedding_hook: EmbeddingHook | None = None,
         final_norm: bool = FINAL_NORM_DEFAULT,
+        *,
+        record_prefix: PrefixRequest | None = None,
+        prefix: PrefixStates | None = None,
     ) -> ForwardOutput:
         """Teacher-forced forward pass; see :meth:`Adapter.forward` for the contract.
+
+        ``record_prefix``: also return the keys and values it asks for
+        (``ForwardOutput.prefix_states``). ``prefix``: ``batch`` holds the rows of a
+        recorded prefix (same order) and only positions ``[prefix.length, S)`` run, attending
+        to the prefix's keys and values (:mod:`unifyreg.adapters.prefix`); the losses then
+        cover the targets after the prefix, ``logits`` the positions after it, and there
+        are no hidden states.
 
         With ``masked_positions`` in the batch: those inputs are ``<mask>`` (before the
         embedding hook), image tokens attend within their image, and the image loss is the
@@ -360,14 +374,20 @@ class ToyAdapter(Adapter):
             embeds = embedding_hook(embeds, batch)
         attention = model_attention_mask(batch, device, embeds.dtype)
         chosen = self.resolve_layers(layers)
-        with self.capture(chosen, output_hidden_states, final_norm) as captured:
-            out = self.model(inputs_embeds=embeds, attention_mask=attention, use_cache=False)
+        run = PrefixPass(self.model, record_prefix, prefix, output_hidden_states, layers)
+        start = run.start
+        embeds, attention, _ = run.cut(embeds, attention)
+        input_ids = input_ids[:, start:]
+        masked = None if masked is None else masked[:, start:]
+        with self.capture(chosen, output_hidden_states and prefix is None, final_norm) as captured:
+            out = self.model(inputs_embeds=embeds, attention_mask=attention, **run.model_kwargs())
+        run.check(embeds.shape[1])
         logits = out.logits
         # Position t predicts token t + 1; a target's kind is stored at its own position.
         token_losses = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
         )
-        kinds = batch["target_kind"].to(device)[:, 1:]
+        kinds = batch["target_kind"].to(device)[:, start + 1 :]
         text_mask = kinds == TARGET_TEXT
         text_tokens = text_mask.sum()
         text_loss = (token_losses * text_mask).sum() / text_tokens.clamp_min(1)
@@ -393,6 +413,7 @@ class ToyAdapter(Adapter):
             image_loss=image_loss,
             image_tokens=image_tokens,
             logits=logits if keep_logits else None,
+            prefix_states=run.states(self.num_layers),
         )
 
     # ------------------------------------------------------------------ generation

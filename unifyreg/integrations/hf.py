@@ -67,6 +67,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from unifyreg.callbacks import ProbeRecorder
 from unifyreg.config import ProbeConfig
+from unifyreg.losses import forward_with_terms
 
 __all__ = [
     "STATE_KEY",
@@ -205,24 +206,25 @@ def compute_regularized_loss(
     own weighting, token-weighted text + image cross-entropy for the discrete families) and, when a
     term needs them (``L_div``), the hidden states; each term
     ``term(adapter, inputs, output, step) -> (weighted loss, logs)`` adds its part
-    (:mod:`unifyreg.losses`). The logs (``loss/task``, ``loss/text``, ``loss/image``,
+    (:func:`unifyreg.losses.forward_with_terms`: ``L_ctx`` draws first and may reuse the
+    main pass's prefix). The logs (``loss/task``, ``loss/text``, ``loss/image``,
     ``loss/total`` and the terms': ``loss/ctx``, ``loss/div``, ...) are buffered on the
     trainer until :func:`merge_loss_logs`. Hidden states are kept when a term's
     ``needs_hidden_states`` says so. Returns the loss, or ``(loss, output)``.
     """
     terms = list(loss_terms)
     wants_hidden = any(getattr(t, "needs_hidden_states", False) for t in terms)
-    output = adapter.forward(inputs, output_hidden_states=wants_hidden)
+    output, extra, term_logs = forward_with_terms(
+        adapter, inputs, terms, int(trainer.state.global_step), wants_hidden
+    )
     loss = output.weighted_task_loss(text_weight, image_weight)
     logs: dict[str, Any] = {
         "loss/task": loss.detach(),
         "loss/text": output.text_loss.detach(),
         "loss/image": output.image_loss.detach(),
     }
-    for term in terms:
-        extra, term_logs = term(adapter, inputs, output, int(trainer.state.global_step))
-        loss = loss + extra
-        logs.update(term_logs)
+    loss = loss + extra
+    logs.update(term_logs)
     logs["loss/total"] = loss.detach()
     buffer = trainer.__dict__.setdefault("_unifyreg_loss_logs", {})
     for key, value in logs.items():

@@ -76,6 +76,8 @@ def world_fingerprint(world: WorldConfig) -> str:
 #: the key while at the default (they do not change the weights then), so existing caches
 #: and the shipped bases keep their keys.
 LOSS_KEYS_ADDED_LATER = {"text_weight": None, "image_weight": None}
+#: ``loss`` keys that choose how a loss is computed, not what it is: never in the key.
+LOSS_KEYS_OF_METHOD = ("ctx_reuse_prefix",)
 
 
 def cache_key(cfg: PretrainToyConfig) -> str:
@@ -84,7 +86,8 @@ def cache_key(cfg: PretrainToyConfig) -> str:
     loss = {
         key: value
         for key, value in dataclasses.asdict(cfg.loss).items()
-        if key not in LOSS_KEYS_ADDED_LATER or value != LOSS_KEYS_ADDED_LATER[key]
+        if key not in LOSS_KEYS_OF_METHOD
+        and (key not in LOSS_KEYS_ADDED_LATER or value != LOSS_KEYS_ADDED_LATER[key])
     }
     if cfg.loss.w_ctx == 0:
         # The mode changes nothing while L_ctx is off; keyed at its first default
