@@ -345,10 +345,11 @@ def test_ctx_through_the_shared_prefix_equals_the_full_second_pass(checkpoint):
     (an edit row holds an image prompt before its response)."""
     from conftest import reuse_matches_full_pass
 
-    reuse_matches_full_pass(
+    main, second = reuse_matches_full_pass(
         lambda: GlmImageAdapter.load(checkpoint),
         [_t2i(), _edit(), _t2i()],
         "bidirectional",
         rtol=1e-4,
         atol=1e-6,
     )
+    assert 0 < second < main  # the second pass skipped the shared prompt

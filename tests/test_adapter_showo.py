@@ -610,6 +610,7 @@ def test_ctx_through_the_shared_prefix_equals_the_full_second_pass(checkpoint):
         *_examples(),
         ManifestExample("c", "a much longer prompt here", response_image=_codes(9)),
     ]
-    reuse_matches_full_pass(
+    main, second = reuse_matches_full_pass(
         lambda: ShowoAdapter.load(checkpoint), examples, "bidirectional", rtol=1e-4, atol=1e-6
     )
+    assert 0 < second < main  # the second pass skipped the shared prompt

@@ -526,10 +526,11 @@ def test_ctx_through_the_shared_prefix_equals_the_full_second_pass(family, check
         *_examples(),
         ManifestExample("c", "draw a much larger cat", response_image=_image(2)),
     ]
-    reuse_matches_full_pass(
+    main, second = reuse_matches_full_pass(
         lambda: FAMILIES[family][0].load(checkpoints[family], dtype="float32"),
         examples,
         mode,
         rtol=1e-4,
         atol=1e-6,
     )
+    assert 0 < second < main  # the second pass skipped the shared prompt
