@@ -226,7 +226,7 @@ def _cut_rows(adapter: Adapter | None, batch: dict, rows: Tensor) -> dict:
 
 def _shared_prefix(batch: dict, rows: Tensor, sub_batch: dict) -> int:
     """How many leading positions of ``sub_batch`` the main pass over ``batch`` computes
-    exactly as the second pass would (:func:`unifyreg.adapters.prefix.shared_prefix_length`)."""
+    exactly as the second pass would (:func:`unifyreg.adapters.base.shared_prefix_length`)."""
     length = sub_batch["roles"].shape[1]
     main_rows = {
         key: batch[key][rows]
