@@ -16,6 +16,7 @@ from unifyreg.estimators import (
     median_bandwidth,
     subsample_tokens,
 )
+from unifyreg.losses import divergence_loss
 from unifyreg.probing import probe_batch, run_probe
 from unifyreg.quantities import QUANTITIES, batch_quantities
 from unifyreg.roles import Role, role_segments
@@ -340,3 +341,40 @@ def test_max_tokens_keeps_a_seeded_uniform_subset_for_every_layer(tiny_batch):
     assert math.isclose(
         float(values.normalized[0, 0]), float(values.values[0, 0]) / math.log2(cap), abs_tol=1e-12
     )
+
+
+def test_token_seed_draws_another_subset_and_the_loss_takes_it(tiny_batch):
+    roles = tiny_batch.roles
+    sample = int(torch.nonzero((roles == Role.IMAGE_PROMPT).any(1))[0])
+    hidden = [h[sample : sample + 1] for h in tiny_batch.hidden_layers]
+    labels = roles[sample : sample + 1]
+    cap = 5
+    Z, _ = role_segments(torch.stack(hidden), labels, Role.IMAGE_PROMPT)
+    count = Z.shape[-2]
+    for seed in (3, 4):
+        values = batch_quantities(hidden, labels, max_tokens=cap, token_seed=seed)
+        Z_sub, _ = subsample_tokens(Z[:, 0], None, cap, generator=count + seed * 1_000_003)
+        np.testing.assert_allclose(
+            values["encoding/image"].values[:, 0].numpy(),
+            matrix_entropy(Z_sub).numpy(),
+            atol=1e-10,
+        )
+    first, second = (
+        batch_quantities(hidden, labels, max_tokens=cap, token_seed=s)["encoding/image"].values
+        for s in (3, 4)
+    )
+    assert not torch.allclose(first, second)
+    with pytest.raises(ValueError, match="token_seed must be an integer >= 0"):
+        batch_quantities(hidden, labels, max_tokens=cap, token_seed=-1)
+    # divergence_loss passes the cap and the seed on: its gradient reaches only kept
+    # tokens, and a cap above every segment's length gives the full loss exactly.
+    leaves = [h.detach().double().requires_grad_(True) for h in tiny_batch.hidden_layers]
+    full, _ = divergence_loss(leaves, roles, dtype=torch.float64)
+    loose, _ = divergence_loss(leaves, roles, dtype=torch.float64, max_tokens=10_000)
+    assert torch.equal(loose.detach(), full.detach())
+    capped, _ = divergence_loss(leaves, roles, dtype=torch.float64, max_tokens=3, token_seed=7)
+    capped.backward()
+    reached = (leaves[-1].grad.abs().sum(-1) > 0).sum(1)
+    non_pad = (roles != Role.PAD).sum(1)
+    assert bool((reached < non_pad).any())
+    assert not torch.equal(capped.detach(), full.detach())

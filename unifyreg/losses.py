@@ -109,6 +109,8 @@ def divergence_loss(
     parts: tuple[str, ...] = ("encoding", "response"),
     dtype: torch.dtype = torch.float64,
     bandwidth: str = "median_differentiable",
+    max_tokens: int = 0,
+    token_seed: int = 0,
 ) -> tuple[Tensor, int]:
     """``(L_div, number of parts that contributed)`` on ``hidden_states`` ``[n, B, S, d]``
     (or a sequence of ``n`` tensors ``[B, S, d]``, e.g. some of
@@ -119,15 +121,21 @@ def divergence_loss(
     ``"median_differentiable"`` (the median with its gradient: the default) or
     ``"median"`` (detached); the estimators' narrow rules (``"silverman"``, ``"rms:0.1"``)
     run too, but their gradient vanishes and most of their value is pinned by token
-    counts (measured: README, "Can the loss use the paper's regime?").
+    counts (measured: README, "Can the loss use the paper's regime?"). ``max_tokens`` > 0
+    computes each quantity on a uniform subset of at most that many tokens per role
+    segment, drawn anew for each ``token_seed`` (:func:`~unifyreg.quantities.batch_quantities`):
+    ~k^2 instead of n^2, but a *different* value, not an estimate of the full one
+    (measured at 8 x 512, k = 256: -88 % of the value, gradient cosine 0.65 with the full
+    one: BENCHMARKS.md, "L_div on a token subset"), so the loss does not use it.
     """
     wanted = [q for part in parts for q in PAIRS[part]]
     # Under autocast a float32 Gram would silently run in bf16/fp16: keep the estimator
     # in the precision asked for.
     with torch.autocast(device_type=roles.device.type, enabled=False):
         values = batch_quantities(
-            hidden_states, roles, alpha=alpha, sigma=bandwidth, dtype=dtype, quantities=wanted
-        )
+            hidden_states, roles, alpha=alpha, sigma=bandwidth, dtype=dtype, quantities=wanted,
+            max_tokens=max_tokens, token_seed=token_seed,
+        )  # fmt: skip
     total = roles.new_zeros((), dtype=torch.float64)
     used = 0
     for part in parts:
@@ -149,6 +157,8 @@ def stack_divergence_loss(
     parts: tuple[str, ...] = ("encoding", "response"),
     dtype: torch.dtype = torch.float64,
     bandwidth: str = "median_differentiable",
+    max_tokens: int = 0,
+    token_seed: int = 0,
 ) -> tuple[Tensor, int]:
     """``(L_div, parts that contributed)`` on every stack of ``output`` (module docstring).
 
@@ -156,7 +166,8 @@ def stack_divergence_loss(
     the end of the captured list); each other stack takes its captured layers at the same
     depth fractions. Each quantity is computed on the stack that serves it; a pair on one
     stack and layers is compared layer by layer (as :func:`divergence_loss`), a pair on two
-    stacks at the depth fractions of the coarser trajectory.
+    stacks at the depth fractions of the coarser trajectory. ``max_tokens``, ``token_seed``:
+    as :func:`divergence_loss`.
     """
     wanted = [q for part in parts for q in PAIRS[part]]
     primary = output.primary_stack()
@@ -182,8 +193,9 @@ def stack_divergence_loss(
                 ] or list(stack.layers)
             hidden = [stack.hidden_layers[stack.layers.index(layer)] for layer in picked]
             values = batch_quantities(
-                hidden, stack.roles, alpha=alpha, sigma=bandwidth, dtype=dtype, quantities=names
-            )
+                hidden, stack.roles, alpha=alpha, sigma=bandwidth, dtype=dtype, quantities=names,
+                max_tokens=max_tokens, token_seed=token_seed,
+            )  # fmt: skip
             for name, value in values.items():
                 trajectories[name] = (
                     value.normalized.mean(dim=1),

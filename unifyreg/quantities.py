@@ -168,9 +168,12 @@ class _Positions:
     counts: Tensor
 
 
-def _positions(roles: Tensor, rows: Tensor, role_set, max_tokens: int) -> _Positions:
+def _positions(
+    roles: Tensor, rows: Tensor, role_set, max_tokens: int, token_seed: int = 0
+) -> _Positions:
     """The positions of ``role_set`` in each of ``rows`` (in order), optionally
-    subsampled to at most ``max_tokens`` per row."""
+    subsampled to at most ``max_tokens`` per row (seeded by the segment's length and
+    ``token_seed``)."""
     is_role = role_mask(roles[rows], role_set)
     counts = is_role.sum(dim=1)
     k = int(counts.max())
@@ -180,9 +183,11 @@ def _positions(roles: Tensor, rows: Tensor, role_set, max_tokens: int) -> _Posit
         for positions, count in zip(index, counts.tolist(), strict=True):
             if count > max_tokens:
                 # Seeded by the segment's length: the same subset whatever the batch, the
-                # rank or the layer (every layer of a sample sees the same tokens).
+                # rank or the layer (every layer of a sample sees the same tokens); a
+                # token_seed (the loss's step) draws another subset for each value.
+                seed = count if not token_seed else count + token_seed * 1_000_003
                 sub, _ = subsample_tokens(
-                    positions[:count, None].to(torch.float64), None, max_tokens, generator=count
+                    positions[:count, None].to(torch.float64), None, max_tokens, generator=seed
                 )
                 positions = sub[:, 0].to(index.dtype)
             kept.append(positions[:max_tokens])
@@ -192,7 +197,7 @@ def _positions(roles: Tensor, rows: Tensor, role_set, max_tokens: int) -> _Posit
 
 
 def _plan(
-    roles: Tensor, names: Sequence[str], max_tokens: int
+    roles: Tensor, names: Sequence[str], max_tokens: int, token_seed: int = 0
 ) -> dict[str, tuple[Quantity, Tensor, tuple[_Positions, ...]]]:
     """``name -> (quantity, select [B], positions)`` for the wanted quantities with at
     least one sample: one segment for an entropy, (prompt, response) for a proxy."""
@@ -204,7 +209,11 @@ def _plan(
             continue
         rows = torch.nonzero(select).flatten()
         parts = (spec.given, spec.roles) if spec.is_proxy else (spec.roles,)
-        plan[name] = (spec, select, tuple(_positions(roles, rows, p, max_tokens) for p in parts))
+        plan[name] = (
+            spec,
+            select,
+            tuple(_positions(roles, rows, p, max_tokens, token_seed) for p in parts),
+        )
     return plan
 
 
@@ -293,6 +302,7 @@ def batch_quantities(
     max_gram_bytes: int | None = None,
     slq: SLQSettings | None = None,
     max_tokens: int = 0,
+    token_seed: int = 0,
 ) -> dict[str, BatchQuantity]:
     """The quantities on one batch, from its role-labelled hidden states.
 
@@ -308,7 +318,9 @@ def batch_quantities(
     (``method``, ``max_gram_bytes``, ``slq`` settings; see :mod:`unifyreg.estimators`).
     ``max_tokens`` > 0 keeps at most that many tokens of each role segment (prompt and
     response separately), a uniform subset seeded by the segment's length (the same for
-    every layer and whatever the batch), and normalises by the kept count.
+    every layer and whatever the batch), and normalises by the kept count; a non-zero
+    ``token_seed`` (an int: the divergence loss passes its step) draws another subset for
+    each value, the same for every layer.
 
     With a gradient at order 2 and a median bandwidth (the divergence loss), a prompt
     entropy whose tokens lie among a proxy's prompt tokens in the same sample is
@@ -318,6 +330,8 @@ def batch_quantities(
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an integer >= 0 (0 = no limit), got {max_tokens!r}")
+    if isinstance(token_seed, bool) or not isinstance(token_seed, int) or token_seed < 0:
+        raise ValueError(f"token_seed must be an integer >= 0, got {token_seed!r}")
     if layers_per_chunk < 0:
         raise ValueError(f"layers_per_chunk must be >= 0 (0 = auto), got {layers_per_chunk}")
     layers = _as_layers(hidden_states, roles)
@@ -333,7 +347,7 @@ def batch_quantities(
         max_gram_bytes=max_gram_bytes,
         settings=slq,
     )
-    plan = _plan(roles, quantities, max_tokens)
+    plan = _plan(roles, quantities, max_tokens, token_seed)
     pieces: dict[str, list[Tensor]] = {name: [] for name in plan}
     valid = roles != int(Role.PAD)
     shared = None
