@@ -23,11 +23,16 @@ With ``--probe``, also the whole-model probe of ``scripts/bench_probe.py`` on th
 float32 and in bfloat16 (the probe casts hidden states to its estimator dtype), seconds
 per probe and peak extra device memory against one batch's hidden states.
 
-Usage: ``python scripts/bench_gpu.py [--quick] [--repeats 3] [--probe] [--json FILE]``;
-``python scripts/bench_gpu.py --all --json gpu.json`` runs everything in one command (the
-grid at float32 and float64, then the probe of the 24-layer d = 1024 model on 64 prompts
-of 600 words; about 5 minutes on an H200, most of it building the model twice).
-Needs a CUDA device; exits with a message otherwise.
+With ``--epoch-share``, the probe's cost in training steps at Janus-Pro 1B's sizes (24
+layers, d 2048, 576-token images; :func:`epoch_share_table`): the epoch length from which
+the probe with its defaults on ``--prompts`` examples costs at most 5 % of it.
+
+Usage: ``python scripts/bench_gpu.py [--quick] [--repeats 3] [--probe] [--epoch-share]
+[--json FILE]``; ``python scripts/bench_gpu.py --all --json gpu.json`` runs everything in
+one command (the grid at float32 and float64, the probe of the 24-layer d = 1024 model on
+64 prompts of 600 words, then the epoch share; about 6-8 minutes on an H200, most of it
+building the models). Needs a CUDA device; exits with a message otherwise
+(``--cpu-smoke`` runs the epoch share's code path on the CPU at tiny sizes).
 """
 
 from __future__ import annotations
@@ -192,6 +197,93 @@ def probe_table(prompts: int, batch_size: int, prompt_words: int) -> list[dict]:
     return rows
 
 
+#: Janus-Pro 1B's language model (DeepSeek-LLM 1.5B): 24 layers, d 2048, 16 heads, MLP
+#: 5632; its images are 24 x 24 = 576 tokens.
+JANUS_1B = dict(grid=24, hidden=2048, layers=24, heads=16, intermediate=5632)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def epoch_share_table(
+    device: str, prompts: int, train_batch: int, prompt_words: int, spec: dict | None = None
+) -> dict:
+    """The probe's cost in training steps at Janus-Pro 1B's sizes (``JANUS_1B``).
+
+    One random-weight model of those sizes (float32, TF32 matmuls allowed on CUDA) times
+    (a) one full fine-tuning step (forward + backward + AdamW, LoRA off) on ``train_batch``
+    examples of ``scripts/bench_probe.py``'s kinds with 576-token images, median of 3
+    after a warm-up, and (b) the probe with its defaults (``ProbeConfig()``) on ``prompts``
+    such examples. ``probe_steps`` = probe seconds / step seconds: the probe costs at most
+    5 % of an epoch of ``20 * probe_steps`` steps or more (``break_even_steps``)."""
+    import bench_probe as bench  # a sibling script
+
+    from unifyreg.config import ProbeConfig
+    from unifyreg.probing import run_probe
+
+    spec = dict(JANUS_1B if spec is None else spec, prompt_words=prompt_words)
+    if prompt_words <= spec["grid"] ** 2:
+        raise ValueError("prompt_words must exceed the image's token count (grid**2)")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    adapter, tokenizer = bench.build_adapter(spec)
+    adapter.model.to(device=device)
+    examples = bench.build_examples(
+        max(prompts, 4 * train_batch), prompt_words, tokenizer.words, spec["grid"], seed=0
+    )
+    optimizer = torch.optim.AdamW(adapter.model.parameters(), lr=1e-5)
+    batches = [adapter.encode(examples[i * train_batch : (i + 1) * train_batch]) for i in range(4)]
+    adapter.model.train()
+    step_times = []
+    for i, batch in enumerate(batches):
+        _sync(device)
+        start = time.perf_counter()
+        loss = adapter.forward(batch).task_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        if i > 0:  # the first step warms up
+            step_times.append(time.perf_counter() - start)
+    del optimizer
+    step = sorted(step_times)[len(step_times) // 2]
+    adapter.model.eval()
+    cfg = ProbeConfig()
+    run_probe(adapter, examples[: cfg.batch_size], cfg)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    run_probe(adapter, examples[:prompts], cfg)
+    _sync(device)
+    probe = time.perf_counter() - start
+    row = dict(
+        sizes={k: spec[k] for k in ("layers", "hidden", "heads", "intermediate", "grid")},
+        train_batch=train_batch,
+        tokens_per_batch=int(batches[0]["input_ids"].numel()),
+        step_seconds=step,
+        prompts=prompts,
+        probe_seconds=probe,
+        probe_steps=probe / step,
+        break_even_steps=math.ceil(20 * probe / step),
+    )
+    print(
+        "\n| sizes | train batch (positions) | step (s) | probe prompts | probe (s) "
+        "| probe in steps | epoch (steps) at which the probe is 5 % |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| {spec['layers']} x {spec['hidden']}, {spec['grid'] ** 2} image tokens "
+        f"| {train_batch} ({row['tokens_per_batch']}) | {step:.3f} | {prompts} | {probe:.2f} "
+        f"| {row['probe_steps']:.1f} | {row['break_even_steps']} |",
+        flush=True,
+    )
+    del adapter
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two sizes only")
@@ -200,14 +292,30 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--all",
         action="store_true",
-        help="the full estimator grid and the whole-model probe (issue 20's one command)",
+        help="the estimator grid, the whole-model probe and the epoch share (one command)",
     )
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--prompt-words", type=int, default=600)
     parser.add_argument("--skip-estimators", action="store_true")
+    parser.add_argument(
+        "--epoch-share",
+        action="store_true",
+        help="the probe's cost in training steps, Janus-Pro 1B sizes",
+    )
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--epoch-prompt-words", type=int, default=640)
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run --epoch-share on the CPU at tiny sizes (checks the code path; no figures)",
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        tiny = dict(grid=4, hidden=32, layers=2, heads=2, intermediate=64)
+        epoch_share_table("cpu", 6, 2, 24, tiny)
+        return 0
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device; none is visible.", file=sys.stderr)
         return 2
@@ -221,6 +329,10 @@ def main(argv=None) -> int:
         out["estimators"] = estimator_table(QUICK_GRID if args.quick else GRID, args.repeats)
     if args.probe or args.all:
         out["probe"] = probe_table(args.prompts, args.batch_size, args.prompt_words)
+    if args.epoch_share or args.all:
+        out["epoch_share"] = epoch_share_table(
+            "cuda", args.prompts, args.train_batch, args.epoch_prompt_words
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
