@@ -200,3 +200,116 @@ def test_slq_with_the_sampled_median_meets_its_bound(monkeypatch):
     assert torch.all((proxy - proxy_exact).abs() <= relative * exact + absolute)
     with pytest.raises(ValueError, match="median_pairs"):
         SLQSettings(median_pairs=-1)
+
+
+# ------------------------------------------- the loss's order-2 path: medians by selection
+
+
+def _tie_heavy(batch, n, seed):
+    """Exactly symmetric ``[batch, n, n]`` squared distances with a zero diagonal whose
+    values are small integers: every median is tied many times over, zeros included."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randint(0, 6, (batch, n, n), generator=g).double()
+    D = torch.triu(D, diagonal=1)
+    return D + D.mT
+
+
+def _masks(n):
+    """A prefix, a contiguous non-prefix run, scattered tokens, one token, none."""
+    masks = torch.zeros(5, n, dtype=torch.bool)
+    masks[0, : n - 7] = True
+    masks[1, 5 : n - 3] = True
+    masks[2] = torch.arange(n) % 3 != 1
+    masks[3, 4] = True
+    return masks
+
+
+def test_median_pair_is_nanmedian_and_its_first_tied_position():
+    from unifyreg.estimators.kernel import median_pair
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (6, 41), generator=g).double()
+    valid = torch.rand(6, 41, generator=g) > 0.3
+    valid[4] = False
+    median, index = median_pair(values, valid)
+    reference = torch.nanmedian(values.masked_fill(~valid, float("nan")), dim=-1).values
+    assert torch.equal(median.isnan(), reference.isnan())
+    assert torch.equal(median[:4], reference[:4]) and torch.equal(median[5:], reference[5:])
+    assert index[4] == -1 and median[4].isnan()
+    for b in (0, 1, 2, 3, 5):
+        hits = torch.nonzero(valid[b] & (values[b] == median[b])).flatten()
+        assert index[b] == hits[0], "the first valid position holding the median"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_median_pairs_of_symmetric_equal_the_gathered_pairs_bit_for_bit(dtype):
+    from unifyreg.estimators.kernel import median_pair, median_pairs_of_symmetric
+
+    n = 140
+    masks = _masks(n)
+    rows, cols = torch.triu_indices(n, n, offset=1)
+    for seed, D in enumerate([_tie_heavy(5, n, 1), _tie_heavy(5, n, 2) * 0]):  # all-zero too
+        D = D.to(dtype)
+        median, at = median_pairs_of_symmetric(D, masks)
+        ref, ref_at = median_pair(D[:, rows, cols], masks[:, rows] & masks[:, cols])
+        assert torch.equal(median.isnan(), ref.isnan()), seed
+        ok = ~ref.isnan()
+        assert torch.equal(median[ok], ref[ok]), seed
+        first = ref_at.clamp_min(0)
+        assert torch.equal(at, torch.where(ref_at >= 0, rows[first] * n + cols[first], -1)), seed
+    assert at[3] == -1 and at[4] == -1  # one token, none: no pair
+
+
+def _order2_pair(Z, mask, sigma):
+    """``(fast, reference)`` entropies and gradients of ``Z`` (float64): the loss's
+    hand-written path against autograd through the generic composition."""
+    from unifyreg.estimators.exact import renyi_entropy_exact
+
+    weights = torch.linspace(-1.0, 2.0, Z.shape[0], dtype=Z.dtype)
+    fast_in = Z.clone().requires_grad_()
+    fast = matrix_entropy(fast_in, 2.0, sigma, mask=mask)
+    (fast * weights).sum().backward()
+    ref_in = Z.clone().requires_grad_()
+    ref = renyi_entropy_exact(gaussian_gram(ref_in, sigma, mask), 2.0, 2.0)
+    (ref * weights).sum().backward()
+    return fast, ref, fast_in.grad, ref_in.grad
+
+
+@pytest.mark.parametrize("sigma", ["median_differentiable", "median"])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_order2_path_above_the_numpy_threshold_matches_the_composition(sigma, repeats):
+    # From 128 tokens: NumPy's symmetric products, medians by selection, the round-off
+    # cut masked in the backward only where a valid pair has one (repeats=True).
+    n = cpu_linalg.NUMPY_MIN_TOKENS + 12
+    g = torch.Generator().manual_seed(7)
+    Z = torch.randn(4, n, 24, dtype=torch.float64, generator=g) + 2.0
+    if repeats:
+        Z[0, 3:9] = Z[0, 2]  # tied zero distances, cut to 0
+        Z[2, 10] = Z[2, 40]
+    fast, ref, grad, ref_grad = _order2_pair(Z[:4], _masks(n)[:4], sigma)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert grad[:3].abs().max() > 1e-3  # a real gradient was compared
+
+
+@pytest.mark.parametrize("n", [30, 300, 700])
+def test_block_medians_by_selection_equal_torch_median_of_the_pairs(n):
+    # Both selections (NumPy's on CPU, kthvalue's elsewhere), whole and bracketed,
+    # on distinct values and on heavy ties (the bracket's fallback).
+    from unifyreg.estimators.kernel import (
+        _block_median,
+        _block_median_torch,
+        lower_median_of_pairs,
+    )
+
+    rows, cols = torch.triu_indices(n, n, offset=1)
+    Z = tokens(n, 8, seed=n).double()
+    for D in (pairwise_sq_distances(Z), _tie_heavy(1, n, n)[0]):
+        want = D[rows, cols].median()
+        assert torch.equal(lower_median_of_pairs(D), want)
+        assert torch.equal(_block_median_torch(D), want)
+        value, at = _block_median(D.numpy(), with_position=True)
+        assert value == want.item()
+        assert at == int(rows[torch.nonzero(D[rows, cols] == want)[0, 0]]) * n + int(
+            cols[torch.nonzero(D[rows, cols] == want)[0, 0]]
+        )

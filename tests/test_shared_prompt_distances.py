@@ -12,7 +12,7 @@ from unifyreg.roles import Role
 R = Role
 
 
-def _batch(seed: int = 0, n_layers: int = 3, width: int = 16):
+def _batch(seed: int = 0, n_layers: int = 3, width: int = 16, stretch: int = 1):
     """Five samples: text -> text, text -> image, image + text -> text (with SPECIAL and
     PAD positions around), text -> image with padding, and a prompt-only text sample (its
     entropy has no proxy: the per-quantity route). Hidden states with a common offset
@@ -27,7 +27,7 @@ def _batch(seed: int = 0, n_layers: int = 3, width: int = 16):
         [T] * 11 + [RI] * 12 + [P] * 7,
         [S] + [T] * 17 + [P] * 12,
     ]
-    roles = torch.tensor([[int(r) for r in row] for row in rows])
+    roles = torch.tensor([[int(r) for r in row for _ in range(stretch)] for row in rows])
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n_layers, *roles.shape, width, generator=g, dtype=torch.float64)
     hidden = hidden + 3.0 * torch.randn(width, generator=g, dtype=torch.float64)
@@ -85,9 +85,9 @@ def test_the_batch_shares_distances_for_every_covered_prompt_entropy():
 
 
 @pytest.mark.parametrize("bandwidth", ["median_differentiable", "median"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_l_div_value_and_gradient_equal_the_per_quantity_route(bandwidth, seed):
-    hidden, roles = _batch(seed)
+@pytest.mark.parametrize(("seed", "stretch"), [(0, 1), (1, 1), (2, 1), (0, 5)])
+def test_l_div_value_and_gradient_equal_the_per_quantity_route(bandwidth, seed, stretch):
+    hidden, roles = _batch(seed, stretch=stretch)
     value, used = divergence_loss(hidden, roles, alpha=2.0, bandwidth=bandwidth)
     reference = _reference_loss(hidden, roles, 2.0, bandwidth)
     assert used == 2 and value.item() > 0

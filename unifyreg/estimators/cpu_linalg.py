@@ -26,6 +26,8 @@ back) the thresholds may need measuring again: ``scripts/bench_compare.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -61,9 +63,11 @@ def numpy_applies(X: Tensor, n: int) -> bool:
     )
 
 
-def self_products(Z: Tensor) -> Tensor:
+def self_products(Z: Tensor, then: Callable[[int, np.ndarray], None] | None = None) -> Tensor:
     """``Z_b Z_b^T`` ``[B, n, n]`` of ``Z`` ``[B, n, d]`` (module docstring): NumPy's
-    ``?syrk`` where :func:`numpy_applies` (exactly symmetric), otherwise ``torch.bmm``."""
+    ``?syrk`` where :func:`numpy_applies` (exactly symmetric), otherwise ``torch.bmm``.
+    ``then(b, product)``, NumPy route only: called on each product right after it is
+    computed, to update it in place while it is in cache."""
     batch, n, _ = Z.shape
     if not numpy_applies(Z, n):
         return torch.bmm(Z, Z.transpose(-1, -2))
@@ -72,6 +76,8 @@ def self_products(Z: Tensor) -> Tensor:
     for b in range(batch):
         x = X[b]
         np.dot(x, x.T, out=out[b])  # ?syrk: NumPy sees the operand and its transpose
+        if then is not None:
+            then(b, out[b])
     return torch.from_numpy(out)
 
 

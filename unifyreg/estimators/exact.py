@@ -21,13 +21,16 @@ import torch
 from torch import Tensor
 
 from unifyreg.estimators._checks import check_alpha, check_base
-from unifyreg.estimators.cpu_linalg import eigvalsh
+from unifyreg.estimators.cpu_linalg import eigvalsh, numpy_applies
 from unifyreg.estimators.kernel import (
     MIN_MEDIAN_BANDWIDTH,
     Bandwidth,
     _cancellation_threshold,
+    _sq_distances_of_centred,
     centred_no_grad,
     gaussian_gram,
+    median_pair,
+    median_pairs_of_symmetric,
 )
 
 __all__ = ["EIGENVALUE_FLOOR", "renyi_entropy_exact"]
@@ -138,50 +141,62 @@ class GaussianRenyi2(torch.autograd.Function):
 
     The same function as :func:`~unifyreg.estimators.kernel.gaussian_gram` +
     :func:`renyi_entropy_exact` (alpha = 2) with ``"median"`` /
-    ``"median_differentiable"``, in about a fifth of the operations: the divergence loss's
-    default, where a small model's step pays per operation. The gradient is the same as
-    autograd's through that composition, including the median pair's
-    (``torch.nanmedian``'s choice among ties) and the round-off threshold of the distances
-    (tested).
+    ``"median_differentiable"``, in a fraction of the operations: the divergence loss's
+    default, where a step pays per pass over ``n x n``. The gradient is the same as
+    autograd's through that composition, including the median pair's (the first valid
+    pair among ties, :func:`~unifyreg.estimators.kernel.median_pair`) and the round-off
+    threshold of the distances (tested). On CPU from
+    :data:`~unifyreg.estimators.cpu_linalg.NUMPY_MIN_TOKENS` tokens the distances come
+    from NumPy's symmetric products and the medians by selection
+    (:func:`~unifyreg.estimators.kernel.median_pairs_of_symmetric`); masks are products
+    of 0/1 token vectors and ``E`` holds only the off-diagonal pairs (no boolean
+    ``n x n`` pass: on CPU one costs several float passes).
     """
 
     @staticmethod
     def forward(ctx, Z, mask, block, differentiable_bandwidth, own=None):
         batch, n, d = Z.shape
-        count = mask.sum(dim=-1).to(Z.dtype)
+        weights = mask.to(Z.dtype)
+        count = weights.sum(dim=-1)
         centred = centred_no_grad(Z, mask)
         sq = centred.pow(2).sum(dim=-1)
         threshold = _cancellation_threshold(sq, d)
-        raw = torch.baddbmm(sq[:, :, None] + sq[:, None, :], centred, centred.mT, alpha=-2.0)
-        kept = raw > threshold
-        D = raw * kept
-        D.diagonal(dim1=-2, dim2=-1).zero_()
-        pairs = mask[:, :, None] & mask[:, None, :]
-        upper = _upper_values(D) if n >= 2 else None
-        s2, median_at = _median_rate(upper, pairs, n, differentiable_bandwidth, D)
-        E = torch.exp(D / -s2[:, None, None]).mul_(pairs)
-        total = E.sum(dim=(-2, -1))
+        D = _sq_distances_of_centred(centred, sq, threshold)
+        medians = _Medians(D, n, differentiable_bandwidth)
+        s2, median_at = medians.rate(mask)
+        # E holds the valid off-diagonal pairs (the diagonal's exp(0) = 1 per valid token
+        # is added as counts): masks as broadcast products of 0/1 vectors, since boolean
+        # n x n masks cost several times a float pass on CPU.
+        E = _masked_square_kernel(D, s2, weights)
+        total = E.sum(dim=(-2, -1)) + count
         H = 2.0 * torch.log(count.clamp_min(1)) - torch.log(total)
+        # Distances cut to 0 (round-off) are constants: the backward masks them only where
+        # a valid pair has one (there E = exp(0) = 1 exactly; max E < 1 means none).
+        cut = bool((E.amax(dim=(-2, -1)) >= 1.0).any()) if n >= 2 else False
         if block is None:
-            block_pairs = block_total = None
+            block_weights = block_total = None
             H_block = torch.zeros_like(H)
         else:
-            block_pairs = block[:, :, None] & block[:, None, :]
-            block_count = block.sum(dim=-1)
-            block_total = torch.where(block_count > 0, (E * block_pairs).sum(dim=(-2, -1)), 1.0)
-            H_block = 2.0 * torch.log(block_count.clamp_min(1).to(Z.dtype)) - torch.log(block_total)
+            block_weights = block.to(Z.dtype)
+            block_count = block_weights.sum(dim=-1)
+            inside = torch.bmm(E, block_weights[:, :, None]).squeeze(-1)
+            block_total = torch.where(
+                block_count > 0, torch.linalg.vecdot(inside, block_weights) + block_count, 1.0
+            )
+            H_block = 2.0 * torch.log(block_count.clamp_min(1)) - torch.log(block_total)
         if own is None:
             E_own = own_total = s2_own = median_own = None
             H_own = torch.zeros_like(H)
         else:
-            own_pairs = own[:, :, None] & own[:, None, :]
-            s2_own, median_own = _median_rate(upper, own_pairs, n, differentiable_bandwidth, D)
-            E_own = torch.exp(D / -s2_own[:, None, None]).mul_(own_pairs)
-            own_count = own.sum(dim=-1)
-            own_total = torch.where(own_count > 0, E_own.sum(dim=(-2, -1)), 1.0)
-            H_own = 2.0 * torch.log(own_count.clamp_min(1).to(Z.dtype)) - torch.log(own_total)
+            own_weights = own.to(Z.dtype)
+            s2_own, median_own = medians.rate(own)
+            E_own = _masked_square_kernel(D, s2_own, own_weights)
+            own_count = own_weights.sum(dim=-1)
+            own_total = torch.where(own_count > 0, E_own.sum(dim=(-2, -1)) + own_count, 1.0)
+            H_own = 2.0 * torch.log(own_count.clamp_min(1)) - torch.log(own_total)
+        ctx.cut = cut
         ctx.save_for_backward(
-            centred, kept, D, E, total, s2, median_at, block_pairs, block_total,
+            centred, D, E, total, s2, median_at, block_weights, block_total,
             E_own, own_total, s2_own, median_own,
         )  # fmt: skip
         return H, H_block, H_own
@@ -189,26 +204,84 @@ class GaussianRenyi2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_H, grad_block, grad_own):
         (
-            centred, kept, D, E, total, s2, median_at, block_pairs, block_total,
+            centred, D, E, total, s2, median_at, block_weights, block_total,
             E_own, own_total, s2_own, median_own,
         ) = ctx.saved_tensors  # fmt: skip
         batch, n, _ = centred.shape
-        # dH/dE_ij = -1/S; dH_block/dE_ij = -[ij in block]/S_block; here weight = -dL/dE.
-        weight = (grad_H / total)[:, None, None]
-        if block_pairs is not None:
-            weight = weight + (grad_block / block_total)[:, None, None] * block_pairs
-        grad_D = _grad_distances(weight * E, D, s2, median_at)
+        # dH/dE_ij = -1/S, dH_block/dE_ij = -[ij in block]/S_block, dE/dD = -E/s2: so
+        # dL/dD = E (grad_H/S + grad_block [block]/S_block)/s2. E, D and the masks are
+        # symmetric, and the backward product needs dL/dD + its transpose: G holds twice
+        # the symmetric part (zero diagonal, as E's), and each median's update goes to
+        # (i, j) and (j, i).
+        scale = (2.0 * grad_H / total / s2)[:, None, None]
+        if block_weights is None:
+            G = E * scale
+        else:
+            coef = (2.0 * grad_block / block_total / s2)[:, None, None]
+            G = torch.addcmul(scale, block_weights[:, :, None], block_weights[:, None, :] * coef)
+            G.mul_(E)
+        updates = [_median_update(G, D, s2, median_at)]
         if E_own is not None:
-            weight_own = (grad_own / own_total)[:, None, None]
-            grad_D += _grad_distances(weight_own * E_own, D, s2_own, median_own)
-        grad_D.diagonal(dim1=-2, dim2=-1).zero_()
-        grad_D.mul_(kept)  # distances at the round-off level are constants (0)
-        # D_ij = sq_i + sq_j - 2 <c_i, c_j>: dL/dc = 2 (diag(rowsum(G)) - G) c, G = gD + gD^T.
-        # Padding rows of G and c are zero, and distances do not move with the centre, so
-        # this is dL/dZ (the centring's own term sums to zero).
-        sym = grad_D + grad_D.mT
-        grad_Z = 2.0 * (sym.sum(dim=-1, keepdim=True) * centred - sym @ centred)
-        return grad_Z, None, None, None, None
+            coef_own = (2.0 * grad_own / own_total / s2_own)[:, None, None]
+            updates.append(_median_update(E_own, D, s2_own, median_own, coef_own))
+            G.addcmul_(E_own, coef_own)
+        if ctx.cut:
+            G.masked_fill_(D == 0, 0.0)
+        flat = G.view(batch, n * n)
+        for at, update in updates:
+            if at is not None:
+                mirror = (at % n) * n + at // n
+                flat.scatter_add_(1, at[:, None], update[:, None])
+                flat.scatter_add_(1, mirror[:, None], update[:, None])
+        # D_ij = sq_i + sq_j - 2 <c_i, c_j>: dL/dc = 2 (diag(rowsum(G)) - G) c with G the
+        # symmetrised gradient. Padding rows of G and c are zero, and distances do not move
+        # with the centre, so this is dL/dZ (the centring's own term sums to zero).
+        grad_Z = torch.baddbmm(G.sum(dim=-1, keepdim=True) * centred, G, centred, alpha=-1.0)
+        return grad_Z.mul_(2.0), None, None, None, None
+
+
+def _masked_square_kernel(D: Tensor, s2: Tensor, weights: Tensor) -> Tensor:
+    """``E_ij = exp(-D_ij / s2) w_i w_j`` ``[B, n, n]`` with a zero diagonal, for 0/1 token
+    weights ``w`` ``[B, n]``."""
+    E = D.mul(-1.0 / s2[:, None, None]).exp_()
+    E.mul_(weights[:, :, None]).mul_(weights[:, None, :])
+    E.diagonal(dim1=-2, dim2=-1).zero_()
+    return E
+
+
+class _Medians:
+    """The median bandwidths of :class:`GaussianRenyi2` from its squared distances ``D``
+    ``[B, n, n]``: by selection per sequence where ``D`` is exactly symmetric (NumPy's
+    products on CPU from :data:`~unifyreg.estimators.cpu_linalg.NUMPY_MIN_TOKENS` tokens:
+    no gather of the pairs), otherwise from the gathered pairs ``i < j`` (gathered once
+    for every token set). Both name the same pair (:func:`median_pair`)."""
+
+    def __init__(self, D: Tensor, n: int, differentiable: bool):
+        self.D, self.n, self.differentiable = D, n, differentiable
+        self.by_selection = numpy_applies(D, n)
+        self.upper = None if self.by_selection or n < 2 else _upper_values(D)
+
+    def rate(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(s2 [B], median_at)``: the lower median of the squared distances of the
+        pairs of ``tokens`` ``[B, n]`` (floored; 1 without a pair) and, with a
+        differentiable bandwidth, the flat index of the median pair where it carries the
+        gradient (-1 elsewhere)."""
+        D, n = self.D, self.n
+        if n < 2:
+            return torch.ones(D.shape[0], dtype=D.dtype, device=D.device), None
+        if self.by_selection:
+            median, at = median_pairs_of_symmetric(D, tokens)
+        else:
+            rows, cols = _upper_pairs(n, D.device)
+            median, at = median_pair(self.upper, tokens[:, rows] & tokens[:, cols])
+            at = torch.where(at >= 0, rows[at.clamp_min(0)] * n + cols[at.clamp_min(0)], -1)
+        has_pair = ~torch.isnan(median)
+        s2 = torch.where(has_pair, median, 1.0).clamp_min(MIN_MEDIAN_BANDWIDTH**2)
+        if not self.differentiable:
+            return s2, None
+        # Where the median carries the gradient: a real pair above the floor.
+        carries = has_pair & (median >= MIN_MEDIAN_BANDWIDTH**2)
+        return s2, torch.where(carries, at, -1)
 
 
 def _upper_values(D: Tensor) -> Tensor:
@@ -217,38 +290,24 @@ def _upper_values(D: Tensor) -> Tensor:
     return D[:, rows, cols]
 
 
-def _median_rate(
-    upper: Tensor | None, pairs: Tensor, n: int, differentiable: bool, D: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    """``(s2 [B], median_at)`` of :class:`GaussianRenyi2`: the lower median of the
-    squared distances ``upper`` over ``pairs`` ``[B, n, n]`` (floored; 1 without a pair)
-    and, with a differentiable bandwidth, the flat index of the median pair where it
-    carries the gradient (-1 elsewhere)."""
-    if upper is None:
-        return torch.ones(D.shape[0], dtype=D.dtype, device=D.device), None
-    rows, cols = _upper_pairs(n, D.device)
-    median = torch.nanmedian(upper.masked_fill(~pairs[:, rows, cols], math.nan), dim=-1)
-    has_pair = ~torch.isnan(median.values)
-    s2 = torch.where(has_pair, median.values, 1.0).clamp_min(MIN_MEDIAN_BANDWIDTH**2)
-    if not differentiable:
-        return s2, None
-    # Where the median carries the gradient: a real pair above the floor.
-    carries = has_pair & (median.values >= MIN_MEDIAN_BANDWIDTH**2)
-    return s2, torch.where(carries, rows[median.indices] * n + cols[median.indices], -1)
-
-
-def _grad_distances(weighted: Tensor, D: Tensor, s2: Tensor, median_at: Tensor | None) -> Tensor:
-    """dL/dD ``[B, n, n]`` of ``E = exp(-D / s2)`` given ``weighted = -dL/dE * E``,
-    including the median pair's share through ``s2`` (when ``median_at`` is given)."""
-    batch, n = D.shape[0], D.shape[-1]
-    rate = 1.0 / s2
-    grad_D = weighted * rate[:, None, None]  # E = exp(-D rate): dE/dD = -rate E
-    if median_at is not None:
-        # rate = 1 / s2 with s2 = D[median pair]: drate/dD = -rate^2; dE/drate = -D E
-        grad_rate = (weighted * D).sum(dim=(-2, -1))
-        update = torch.where(median_at >= 0, -grad_rate * rate**2, 0.0)
-        grad_D.view(batch, n * n).scatter_add_(1, median_at.clamp_min(0)[:, None], update[:, None])
-    return grad_D
+def _median_update(
+    G: Tensor, D: Tensor, s2: Tensor, median_at: Tensor | None, factor: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(index [B], update [B])``: the share of dL/dD that reaches the median pair's
+    distance through ``s2`` (``median_at``; ``(None, None)`` for a detached bandwidth),
+    given ``G factor = 2 dL/dD`` of ``E = exp(-D / s2)`` at a fixed bandwidth (``factor``
+    ``[B, 1, 1]``, 1 if omitted). With ``rate = 1 / s2``:
+    ``dL/drate = -sum_ij dL/dD_ij D_ij / rate`` and ``drate/ds2 = -rate^2``."""
+    if median_at is None:
+        return None, None
+    batch = G.shape[0]
+    # One BLAS dot per sequence: a fused pass, summed more accurately than bmm's.
+    G_flat, D_flat = G.reshape(batch, -1), D.reshape(batch, -1)
+    weighted = torch.stack([torch.dot(G_flat[b], D_flat[b]) for b in range(batch)])
+    if factor is not None:
+        weighted = weighted * factor.view(batch)
+    update = torch.where(median_at >= 0, -0.5 * weighted / s2, 0.0)
+    return median_at.clamp_min(0), update
 
 
 @functools.lru_cache(maxsize=64)
