@@ -16,8 +16,10 @@ second pass after the main pass's shared prefix), ``+ L_ctx (full second pass)``
 (``ctx_reuse_prefix=False``: the second pass over the whole sequence, as before),
 ``+ L_div`` (``LossConfig(w_div=1)``: defaults, alpha 2, all layers, float32). Every round
 runs one step of each variant in turn (the order rotates), ``--rounds`` rounds after one
-warm-up round; the overhead is ``median(variant) / median(baseline) - 1``. One thread
-(torch, OpenMP, MKL, OpenBLAS), so a shared machine slows all variants alike.
+warm-up round; the overhead is ``median(variant) / median(baseline) - 1``, and the paired
+overhead the median (and range) over rounds of ``variant / baseline - 1`` within a round
+(the same batch; a shared machine's drift between rounds cancels). One thread (torch,
+OpenMP, MKL, OpenBLAS), so a shared machine slows all variants alike.
 
 Usage: ``python scripts/bench_regularizer.py [--sizes toy,8x512,24x1024] [--rounds N]
 [--batch B]``.
@@ -119,8 +121,14 @@ def run_size(size: str, rounds: int, batch: int) -> dict:
             if r > 0:  # round 0 warms up
                 times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
+    # Per round, against the baseline on the same batch: drift of a shared machine
+    # between rounds cancels.
+    paired = {
+        name: sorted(a / b - 1 for a, b in zip(t, times["baseline"], strict=True))
+        for name, t in times.items()
+    }
     tokens = int(batches[0]["input_ids"].numel())
-    return dict(size=size, tokens_per_batch=tokens, seconds=med, rounds=rounds)
+    return dict(size=size, tokens_per_batch=tokens, seconds=med, paired=paired, rounds=rounds)
 
 
 def main(argv=None) -> int:
@@ -135,15 +143,21 @@ def main(argv=None) -> int:
     if unknown or args.rounds < 1 or args.batch < 1:
         parser.error(f"unknown sizes {unknown}" if unknown else "--rounds/--batch must be >= 1")
     print(f"load average: {os.getloadavg()[0]:.2f}; 1 thread; medians of {args.rounds} rounds\n")
-    print("| size | positions per batch | variant | step (s) | overhead vs baseline |")
-    print("|---|---|---|---|---|")
+    print(
+        "| size | positions per batch | variant | step (s) | overhead vs baseline "
+        "| paired overhead: median (range) |"
+    )
+    print("|---|---|---|---|---|---|")
     for size in sizes:
         row = run_size(size, args.rounds, args.batch)
         base = row["seconds"]["baseline"]
         for name, seconds in row["seconds"].items():
+            paired = row["paired"][name]
             print(
                 f"| {size} | {row['tokens_per_batch']} | {name} | {seconds:.3f} "
-                f"| {100 * (seconds / base - 1):+.1f}% |",
+                f"| {100 * (seconds / base - 1):+.1f}% "
+                f"| {100 * statistics.median(paired):+.1f}% "
+                f"({100 * paired[0]:+.1f} to {100 * paired[-1]:+.1f}) |",
                 flush=True,
             )
     return 0

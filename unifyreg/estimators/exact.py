@@ -236,8 +236,14 @@ class GaussianRenyi2(torch.autograd.Function):
         # D_ij = sq_i + sq_j - 2 <c_i, c_j>: dL/dc = 2 (diag(rowsum(G)) - G) c with G the
         # symmetrised gradient. Padding rows of G and c are zero, and distances do not move
         # with the centre, so this is dL/dZ (the centring's own term sums to zero).
-        grad_Z = torch.baddbmm(G.sum(dim=-1, keepdim=True) * centred, G, centred, alpha=-1.0)
-        return grad_Z.mul_(2.0), None, None, None, None
+        grad_Z = torch.bmm(G, centred).mul_(-2.0)
+        return (
+            grad_Z.addcmul_(G.sum(dim=-1, keepdim=True), centred, value=2.0),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _masked_square_kernel(D: Tensor, s2: Tensor, weights: Tensor) -> Tensor:
