@@ -24,7 +24,7 @@ from unifyreg.estimators import (
 from unifyreg.estimators.blocked import torch_kernels_only as torch_kernels
 from unifyreg.estimators.exact import renyi_entropy_exact
 from unifyreg.estimators.kernel import sampled_median_bandwidth
-from unifyreg.estimators.slq import SAMPLED_MEDIAN_MIN_TOKENS
+from unifyreg.estimators.slq import SAMPLED_MEDIAN_MIN_TOKENS, SAMPLED_MEDIAN_MIN_TOKENS_CPU
 
 TOLERANCE_BITS = 1e-10
 
@@ -183,14 +183,17 @@ def test_slq_with_the_sampled_median_meets_its_bound(monkeypatch):
     """From SAMPLED_MEDIAN_MIN_TOKENS tokens SLQ's median comes from a sample of pairs:
     still within SLQ_ERROR_BOUND of the exact entropy, and close to SLQ with the exact
     median (the sample moves H by far less than the bound). The threshold is lowered to
-    1024 tokens here to keep the exact reference fast."""
-    assert SAMPLED_MEDIAN_MIN_TOKENS >= 1024
+    1024 tokens here to keep the exact reference fast; on CPU its own threshold applies
+    (NumPy's exact selection is cheaper than the sample up to ~5000 tokens)."""
+    assert SAMPLED_MEDIAN_MIN_TOKENS_CPU > SAMPLED_MEDIAN_MIN_TOKENS >= 1024
     monkeypatch.setattr(slq, "SAMPLED_MEDIAN_MIN_TOKENS", 1024)
     n = 1100
     Z = tokens(2, n, 32, seed=5)
     exact = matrix_entropy(Z, alpha=1.01)
-    sampled = matrix_entropy(Z, alpha=1.01, method="slq")
     full = matrix_entropy(Z, alpha=1.01, method="slq", settings=SLQSettings(median_pairs=0))
+    assert torch.equal(matrix_entropy(Z, alpha=1.01, method="slq"), full)  # CPU: exact median
+    monkeypatch.setattr(slq, "SAMPLED_MEDIAN_MIN_TOKENS_CPU", 1024)
+    sampled = matrix_entropy(Z, alpha=1.01, method="slq")
     relative, absolute = SLQ_ERROR_BOUND
     assert torch.all((sampled - exact).abs() <= relative * exact + absolute)
     assert torch.all((sampled - full).abs() <= 0.1 * relative * exact)  # <= 0.1 % of H

@@ -37,7 +37,13 @@ from unifyreg.estimators.kernel import (
     sq_distances_no_grad,
 )
 
-__all__ = ["RITZ_LANCZOS_STEPS", "SAMPLED_MEDIAN_MIN_TOKENS", "SLQSettings", "SLQ_ERROR_BOUND"]
+__all__ = [
+    "RITZ_LANCZOS_STEPS",
+    "SAMPLED_MEDIAN_MIN_TOKENS",
+    "SAMPLED_MEDIAN_MIN_TOKENS_CPU",
+    "SLQSettings",
+    "SLQ_ERROR_BOUND",
+]
 
 
 #: Documented error of the SLQ entropy with the default settings (alpha >= 1):
@@ -45,11 +51,18 @@ __all__ = ["RITZ_LANCZOS_STEPS", "SAMPLED_MEDIAN_MIN_TOKENS", "SLQSettings", "SL
 SLQ_ERROR_BOUND = (0.01, 1e-4)
 
 #: From this many tokens (the padded length) the ``"median"`` bandwidth of the SLQ path is
-#: estimated from ``SLQSettings.median_pairs`` random pairs of its distance matrix.
-#: Measured (BENCHMARKS.md, issue 20; 2^20 pairs, 1 thread): 48 ms per sequence against
-#: 122 ms for the exact median by selection at n = 4096; at n = 2048 the selection
-#: (28 ms) is as cheap as the sample, so below this size the median stays exact.
+#: estimated from ``SLQSettings.median_pairs`` random pairs of its distance matrix (off
+#: the CPU; on CPU from :data:`SAMPLED_MEDIAN_MIN_TOKENS_CPU`). Measured with torch's
+#: selection (BENCHMARKS.md, issue 20; 2^20 pairs, 1 thread): 48 ms per sequence against
+#: 122 ms for the exact median at n = 4096; at n = 2048 the selection (28 ms) is as cheap
+#: as the sample, so below this size the median stays exact.
 SAMPLED_MEDIAN_MIN_TOKENS = 3072
+
+#: :data:`SAMPLED_MEDIAN_MIN_TOKENS` on CPU, where the exact median is NumPy's selection
+#: (:func:`~unifyreg.estimators.kernel.lower_median_of_pairs`): per float32 sequence it
+#: took 53-72 ms at n = 4096 and 153 ms at 6144 against 98-129 ms for 2^20 sampled pairs
+#: (1 thread, BENCHMARKS.md), so the sample pays from about 5000 tokens.
+SAMPLED_MEDIAN_MIN_TOKENS_CPU = 5120
 
 #: Lanczos steps run from each Ritz vector of the deflation subspace (near-eigenvectors,
 #: whose quadratic forms converge in a few steps).
@@ -73,7 +86,8 @@ class SLQSettings:
       computed exactly with ``eigvalsh`` in float64, where it costs about as little;
     - ``seed``: seed of the random vectors when no generator is passed;
     - ``median_pairs``: with the ``"median"`` bandwidth and at least
-      :data:`SAMPLED_MEDIAN_MIN_TOKENS` tokens, the median is estimated from this many
+      :data:`SAMPLED_MEDIAN_MIN_TOKENS` tokens (:data:`SAMPLED_MEDIAN_MIN_TOKENS_CPU` on
+      CPU), the median is estimated from this many
       random pairs of the distance matrix
       (:func:`~unifyreg.estimators.kernel.sampled_median_bandwidth`, drawn with ``seed``)
       instead of ranking all ``n (n - 1) / 2``; 0 = the exact median.
@@ -341,8 +355,11 @@ def _gram_no_grad(
 ) -> Tensor:
     """The Gaussian Gram of ``[B, n, d]`` without gradient, built in place; the median
     bandwidth from ``settings.median_pairs`` random pairs from
-    :data:`SAMPLED_MEDIAN_MIN_TOKENS` tokens."""
-    pairs = settings.median_pairs if Z.shape[-2] >= SAMPLED_MEDIAN_MIN_TOKENS else 0
+    :data:`SAMPLED_MEDIAN_MIN_TOKENS` tokens (:data:`SAMPLED_MEDIAN_MIN_TOKENS_CPU` on
+    CPU)."""
+    cpu = Z.device.type == "cpu"
+    threshold = SAMPLED_MEDIAN_MIN_TOKENS_CPU if cpu else SAMPLED_MEDIAN_MIN_TOKENS
+    pairs = settings.median_pairs if Z.shape[-2] >= threshold else 0
     with torch.no_grad():
         D = sq_distances_no_grad(Z, mask)
         return gram_from_sq_distances_(
