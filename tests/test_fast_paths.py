@@ -39,8 +39,25 @@ def tokens(*shape, seed=0, scale=None):
     return Z
 
 
+@pytest.fixture(params=[True, False], ids=["numpy-eigvalsh", "torch-eigvalsh"])
+def eigen_route(request, monkeypatch):
+    """Both eigenvalue routes, whatever this CPU's vendor picks (:data:`NUMPY_EIGVALSH`)."""
+    monkeypatch.setattr(cpu_linalg, "NUMPY_EIGVALSH", request.param)
+    return request.param
+
+
+def test_numpy_eigenvalues_only_on_amd_cpus():
+    assert cpu_linalg.NUMPY_EIGVALSH == (cpu_linalg.cpu_vendor() == "AuthenticAMD")
+
+
+def test_without_numpy_eigenvalues_eigvalsh_is_torchs(monkeypatch):
+    monkeypatch.setattr(cpu_linalg, "NUMPY_EIGVALSH", False)
+    A = gaussian_gram(tokens(2, 200, 16).double(), "median") / 200
+    assert torch.equal(cpu_linalg.eigvalsh(A), torch.linalg.eigvalsh(A))
+
+
 @pytest.mark.parametrize("n", [127, 128, 300])
-def test_numpy_kernels_match_torch(n):
+def test_numpy_kernels_match_torch(n, eigen_route):
     Z = tokens(3, n, 40, seed=n).double()
     Zc = Z - Z.mean(-2, keepdim=True)
     G = cpu_linalg.self_products(Zc)
@@ -52,7 +69,7 @@ def test_numpy_kernels_match_torch(n):
     assert cpu_linalg.numpy_applies(A, n) == (n >= cpu_linalg.NUMPY_MIN_TOKENS)
 
 
-def test_numpy_kernels_float32_and_fallbacks():
+def test_numpy_kernels_float32_and_fallbacks(eigen_route):
     A = gaussian_gram(tokens(2, 200, 16).double(), "median").float() / 200
     assert cpu_linalg.eigvalsh(A).dtype == torch.float32
     assert torch.allclose(cpu_linalg.eigvalsh(A), torch.linalg.eigvalsh(A), atol=1e-6)
@@ -65,7 +82,7 @@ def test_numpy_kernels_float32_and_fallbacks():
 
 @pytest.mark.parametrize("alpha", [1.0, 1.01, 1.5, 2.0])
 @pytest.mark.parametrize("n", [100, 128, 400, 1030])
-def test_matrix_entropy_equals_the_torch_kernels(alpha, n):
+def test_matrix_entropy_equals_the_torch_kernels(alpha, n, eigen_route):
     layers = 3 if n < 1000 else 1
     Z = tokens(layers, n, 24, seed=n)
     mask = torch.ones(layers, n, dtype=torch.bool)

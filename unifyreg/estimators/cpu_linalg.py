@@ -5,7 +5,7 @@
   runs as a symmetric rank-k update (``?syrk``: half the products of a ``gemm``, and the
   result exactly symmetric); otherwise ``torch.bmm``.
 - :func:`eigvalsh`: ascending eigenvalues of symmetric ``[..., n, n]`` (lower
-  triangle read); on CPU from :data:`NUMPY_MIN_TOKENS` up to
+  triangle read); on an AMD CPU (:data:`NUMPY_EIGVALSH`) from :data:`NUMPY_MIN_TOKENS` up to
   :data:`NUMPY_EIGVALSH_MAX_TOKENS` tokens ``numpy.linalg.eigvalsh`` on the whole batch
   (one gufunc call: no Python per matrix; LAPACK ``?syevd``), otherwise
   ``torch.linalg.eigvalsh``.
@@ -20,8 +20,11 @@ two-stage drivers only catch up at n = 2048. Below 128 tokens torch's batched ca
 faster (per-matrix overhead), and from 2048 tokens MKL's ``dsyevd`` is (NumPy's takes
 1.6x its time at n = 4096). Both libraries compute the same quantities to round-off
 (tested against the torch kernels). Inputs that need a gradient, non-CPU tensors and
-other dtypes take torch's kernels. On another CPU (an Intel host, where MKL is not held
-back) the thresholds may need measuring again: ``scripts/bench_compare.py``.
+other dtypes take torch's kernels. On an Intel Xeon (AVX-512, 2026-12-03) MKL's
+``dsyevd`` is the faster one, so NumPy's eigenvalues are taken on AMD CPUs only
+(:data:`NUMPY_EIGVALSH`), while NumPy's ``?syrk`` products stayed faster there too
+(1.17-1.59x MKL's ``mm`` at n = 600-4096, d = 1024); on other CPUs measure again:
+``scripts/bench_compare.py``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NUMPY_EIGVALSH",
     "NUMPY_EIGVALSH_MAX_TOKENS",
     "NUMPY_MIN_TOKENS",
+    "cpu_vendor",
     "eigvalsh",
     "numpy_applies",
     "self_products",
@@ -81,12 +86,33 @@ def self_products(Z: Tensor, then: Callable[[int, np.ndarray], None] | None = No
     return torch.from_numpy(out)
 
 
+def cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` from ``/proc/cpuinfo`` (``"AuthenticAMD"``,
+    ``"GenuineIntel"``; ``""`` where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+#: Whether :func:`eigvalsh` may take NumPy's LAPACK: on AMD CPUs only, where the torch
+#: wheel's MKL took 1.7-1.9x OpenBLAS's ``dsyevd`` time at n = 600-1200. On an Intel
+#: Xeon (AVX-512) MKL was the faster one: OpenBLAS took 1.32x / 1.14x / 0.93x / 1.44x /
+#: 1.94x its time at n = 128 / 256 / 600 / 1200 / 2048 (BENCHMARKS.md, 2026-12-03); other
+#: CPUs are unmeasured and keep torch's.
+NUMPY_EIGVALSH = cpu_vendor() == "AuthenticAMD"
+
+
 def eigvalsh(A: Tensor) -> Tensor:
     """Ascending eigenvalues ``[..., n]`` of symmetric ``A`` ``[..., n, n]`` (lower triangle
-    read): ``torch.linalg.eigvalsh``, or NumPy's where :func:`numpy_applies` and
-    ``n < NUMPY_EIGVALSH_MAX_TOKENS`` (module docstring); with a gradient to compute
-    always torch's (differentiable)."""
+    read): ``torch.linalg.eigvalsh``, or NumPy's where :data:`NUMPY_EIGVALSH`,
+    :func:`numpy_applies` and ``n < NUMPY_EIGVALSH_MAX_TOKENS`` (module docstring); with a
+    gradient to compute always torch's (differentiable)."""
     n = A.shape[-1]
-    if not numpy_applies(A, n) or n >= NUMPY_EIGVALSH_MAX_TOKENS:
+    if not NUMPY_EIGVALSH or not numpy_applies(A, n) or n >= NUMPY_EIGVALSH_MAX_TOKENS:
         return torch.linalg.eigvalsh(A)
     return torch.from_numpy(np.linalg.eigvalsh(A.detach().numpy(), UPLO="L"))
