@@ -402,8 +402,9 @@ def _block_median_torch(D: Tensor) -> Tensor:
 def median_bandwidth_by_selection(D: Tensor, mask: Tensor | None) -> Tensor:
     """:func:`median_bandwidth` from squared distances ``D`` ``[B, n, n]`` (exactly
     symmetric): the same values bit for bit (the same lower median of the same numbers),
-    by selection per sequence instead of a gather of all pairs (about 3x faster at
-    n = 4096, and no ``[B, n (n - 1) / 2]`` copy)."""
+    by selection per sequence instead of a gather of all pairs (no
+    ``[B, n (n - 1) / 2]`` copy; on CPU NumPy's selection: 53-72 ms per float32 sequence
+    at n = 4096, against 176 ms for torch's bracketed ``kthvalue``)."""
     out = torch.ones(D.shape[0], dtype=D.dtype, device=D.device)
     for b, (block, _, _) in enumerate(_valid_blocks(D, mask)):
         if block.shape[-1] >= 2:
